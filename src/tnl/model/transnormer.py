@@ -1,0 +1,247 @@
+"""TransNormerLLM, native PyTorch, weight-compatible with the official checkpoints.
+
+One block (pre-norm, no learned norm weights):
+    x = x + TokenMixer(srms(x))      gated norm-linear attention with per-head, per-layer decay
+    x = x + SGLU(srms(x))            (x W1) * (x W2) W3, no activation
+Parameter names follow the official state dict (model.layers.{i}.token_mixer.qkvu_proj.weight, ...).
+
+The model runs over a packed batch of sequences (`AttnBatch`): the first `n_decode` tokens are
+one token each of running sequences (recurrent step), the rest are prompt chunks of
+`len(prefill_slots)` sequences laid end to end (chunked prefill). Every sequence continues
+from its state in the pool; the pool is updated in place.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tnl.config import ModelConfig, layer_slopes
+from tnl import kernels
+
+
+def srms(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """SimpleRMSNorm: x / (||x|| / sqrt(dim) + eps); no weight. Computed in float32."""
+    xf = x.float()
+    rms = xf.norm(2, dim=-1, keepdim=True) * xf.shape[-1] ** -0.5
+    return (xf / (rms + eps)).to(x.dtype)
+
+
+@dataclass
+class AttnBatch:
+    """Where each packed token belongs.
+
+    positions: [T] long, absolute position of each token in its sequence (LRPE)
+    n_decode: the first n_decode tokens are single decode tokens
+    decode_slots: [n_decode] long, pool slot of each decode token's sequence
+    prefill_slots: [N] long, pool slot of each prefill chunk's sequence
+    cu_seqlens: [N+1] long (on device) offsets of the chunks within the prefill part
+    cu_seqlens_list: the same as a Python list (for the torch path)
+    """
+
+    positions: torch.Tensor
+    n_decode: int
+    decode_slots: torch.Tensor
+    prefill_slots: torch.Tensor
+    cu_seqlens: torch.Tensor
+    cu_seqlens_list: list[int]
+
+    @classmethod
+    def build(cls, decode: list[tuple[int, int]], prefill: list[tuple[int, int, int]],
+              device: torch.device | str) -> "AttnBatch":
+        """decode: (slot, position) per decode token; prefill: (slot, start_position, n_tokens)."""
+        pos = [p for _, p in decode]
+        cu = [0]
+        for _, start, n in prefill:
+            pos.extend(range(start, start + n))
+            cu.append(cu[-1] + n)
+        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+        return cls(positions=as_long(pos), n_decode=len(decode),
+                   decode_slots=as_long([s for s, _ in decode]),
+                   prefill_slots=as_long([s for s, _, _ in prefill]),
+                   cu_seqlens=as_long(cu), cu_seqlens_list=cu)
+
+
+class Lrpe(nn.Module):
+    """Linearized relative positional encoding: x -> [x cos(theta t), x sin(theta t)] per head.
+    theta is a trained parameter [H, 1, dh]: loaded, never recomputed."""
+
+    def __init__(self, n_heads: int, head_dim: int):
+        super().__init__()
+        d = n_heads * head_dim
+        self.theta = nn.Parameter(torch.empty(n_heads, 1, head_dim))
+        with torch.no_grad():
+            if self.theta.device.type != "meta":
+                self.theta.copy_((10000 ** (-2 / d * torch.arange(d))).reshape(n_heads, 1, head_dim))
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x: [T, H, dh]; positions: [T]. Angles in float32 whatever the weight dtype.
+        angle = positions.float().view(-1, 1, 1) * self.theta.float().view(1, *self.theta.shape[::2])
+        xf = x.float()
+        return torch.cat([xf * torch.cos(angle), xf * torch.sin(angle)], dim=-1).to(x.dtype)
+
+
+class NormLinearAttention(nn.Module):
+    """Token mixer: q,k = silu(.), optional LRPE, decayed linear attention, srms, gate u, out_proj."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.qkvu_proj = nn.Linear(cfg.d_model, 4 * cfg.hidden_dim, bias=cfg.bias)
+        self.out_proj = nn.Linear(cfg.hidden_dim, cfg.d_model, bias=cfg.bias)
+        self.lrpe = Lrpe(cfg.n_heads, cfg.head_dim) if cfg.lrpe[layer] else None
+        slope = torch.tensor(layer_slopes(cfg, layer), dtype=torch.float32)
+        self.register_buffer("slope", slope, persistent=False)             # [H]
+        self.register_buffer("decay", torch.exp(-slope), persistent=False)  # [H]
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor):
+        """x: [T, d] (already normed) -> q, k [T, H, dk], v [T, H, dh], u [T, hidden]."""
+        T = x.shape[0]
+        q, k, v, u = self.qkvu_proj(x).chunk(4, dim=-1)
+        q, k, v = (t.reshape(T, self.n_heads, self.head_dim) for t in (q, k, v))
+        q, k = F.silu(q), F.silu(k)
+        if self.lrpe is not None:
+            q, k = self.lrpe(q, positions), self.lrpe(k, positions)
+        return q, k, v, u
+
+    def forward(self, x: torch.Tensor, batch: AttnBatch, pool: torch.Tensor) -> torch.Tensor:
+        q, k, v, u = self.project(x, batch.positions)
+        nd = batch.n_decode
+        parts = []
+        if nd:
+            parts.append(kernels.decode_attention(q[:nd], k[:nd], v[:nd], self.decay, pool, batch.decode_slots))
+        if x.shape[0] > nd:
+            parts.append(kernels.prefill_attention(q[nd:], k[nd:], v[nd:], self.slope, pool, batch.prefill_slots,
+                                                   batch.cu_seqlens, batch.cu_seqlens_list))
+        o = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        o = srms(o.reshape(x.shape[0], -1))
+        return self.out_proj(u * o)
+
+
+class SGLU(nn.Module):
+    """Simple GLU: (x W1) * (x W2) W3, no activation (the gate brings the non-linearity)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.l1 = nn.Linear(cfg.d_model, cfg.glu_dim, bias=cfg.bias)
+        self.l2 = nn.Linear(cfg.d_model, cfg.glu_dim, bias=cfg.bias)
+        self.l3 = nn.Linear(cfg.glu_dim, cfg.d_model, bias=cfg.bias)
+        self.l12: nn.Linear | None = None  # l1 and l2 fused into one matmul, see fuse()
+
+    def fuse(self) -> None:
+        """Replace l1 and l2 by one [2*glu, d] matmul (one read of x, one launch)."""
+        l12 = nn.Linear(self.l1.in_features, 2 * self.l1.out_features, bias=self.l1.bias is not None,
+                        device=self.l1.weight.device, dtype=self.l1.weight.dtype)
+        with torch.no_grad():
+            l12.weight.copy_(torch.cat([self.l1.weight, self.l2.weight]))
+            if self.l1.bias is not None:
+                l12.bias.copy_(torch.cat([self.l1.bias, self.l2.bias]))
+        del self.l1, self.l2
+        self.l12 = l12
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.l12 is not None:
+            a, b = self.l12(x).chunk(2, dim=-1)
+            return self.l3(a * b)
+        return self.l3(self.l1(x) * self.l2(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.token_mixer = NormLinearAttention(cfg, layer)
+        self.channel_mixer = SGLU(cfg)
+
+    def forward(self, x: torch.Tensor, batch: AttnBatch, pool: torch.Tensor) -> torch.Tensor:
+        x = x + self.token_mixer(srms(x), batch, pool)
+        return x + self.channel_mixer(srms(x))
+
+
+class TransnormerModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.n_layers))
+        self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
+
+
+class TransnormerForCausalLM(nn.Module):
+    """The full model. Construct under `torch.device("meta")` and load weights with
+    `tnl.model.weights.load_model`; or construct normally for random weights (tests, training)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = TransnormerModel(cfg)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    # ---- weights -------------------------------------------------------------------------
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def init_random(self, std: float = 0.02, seed: int | None = None) -> "TransnormerForCausalLM":
+        """Random weights as the official init does (normal(0, std), zero biases); theta kept."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("lrpe.theta"):
+                    continue
+                if name.endswith(".bias"):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+        return self
+
+    def fuse(self) -> None:
+        for layer in self.model.layers:
+            layer.channel_mixer.fuse()
+
+    def new_state_pool(self, num_slots: int, device=None) -> list[torch.Tensor]:
+        """Per layer a [num_slots, H, dk, dv] float32 zero tensor."""
+        device = device or self.model.embed_tokens.weight.device
+        return [torch.zeros(num_slots, *s, dtype=torch.float32, device=device) for s in self.config.state_shapes()]
+
+    # ---- inference ------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, batch: AttnBatch, pools: list[torch.Tensor]) -> torch.Tensor:
+        """Packed tokens [T] -> final-normed hidden states [T, d]. Updates the states in `pools`."""
+        x = self.model.embed_tokens(input_ids)
+        if self.model.embed_scale != 1.0:
+            x = x * self.model.embed_scale
+        for layer, pool in zip(self.model.layers, pools):
+            x = layer(x, batch, pool)
+        return srms(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, d] normed hidden states -> [N, V] float32 logits."""
+        return F.linear(hidden, self.head_weight).float()
+
+    # ---- training -------------------------------------------------------------------------
+    def forward_train(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Differentiable full-sequence forward from zero state. input_ids [B, n] -> logits [B, n, V] float32."""
+        B, n = input_ids.shape
+        x = self.model.embed_tokens(input_ids) * self.model.embed_scale      # [B, n, d]
+        pos = torch.arange(n, device=input_ids.device)
+        for layer in self.model.layers:
+            tm = layer.token_mixer
+            q, k, v, u = tm.project(srms(x).reshape(B * n, -1), pos.repeat(B))
+            q, k, v = (t.reshape(B, n, tm.n_heads, -1) for t in (q, k, v))
+            outs = []
+            for b in range(B):
+                state = torch.zeros(tm.n_heads, q.shape[-1], v.shape[-1], device=x.device)
+                o, _ = kernels.torch_ops.chunk_attention(q[b], k[b], v[b], tm.slope, state, chunk_size=64)
+                outs.append(o.to(v.dtype))
+            o = srms(torch.stack(outs).reshape(B, n, -1))
+            x = x + tm.out_proj(u.reshape(B, n, -1) * o)
+            x = x + layer.channel_mixer(srms(x))
+        return F.linear(srms(x), self.head_weight).float()
+
+
+def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The official state-dict names and shapes a checkpoint for `cfg` must hold."""
+    with torch.device("meta"):
+        m = TransnormerForCausalLM(cfg)
+    return {name: tuple(p.shape) for name, p in m.named_parameters()}
