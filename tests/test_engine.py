@@ -1,0 +1,188 @@
+"""The engine on CPU: continuous batching equals one-at-a-time, against the float64 reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers_model import random_state_dict, tiny_config
+from reference import reference_logits
+from tnl.config import EngineConfig, ModelConfig
+from tnl.engine import LLMEngine, QueueFullError, SamplingParams
+from tnl.engine.scheduler import Scheduler
+from tnl.model.transnormer import TransnormerForCausalLM
+
+CFG = tiny_config(vocab_size=300, linear_use_lrpe_list=[1, 0, 0])
+SD = random_state_dict(CFG, seed=11, theta_scale=0.7)
+
+
+def make_engine(**kw) -> LLMEngine:
+    m = TransnormerForCausalLM(ModelConfig.from_dict(CFG))
+    m.load_state_dict(SD)
+    m.eval()
+    return LLMEngine(m, None, EngineConfig(**{"max_num_seqs": 4, "max_num_batched_tokens": 64, **kw}))
+
+
+def run(engine: LLMEngine, prompts, params):
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    reqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    steps = 0
+    while engine.has_work:
+        engine.step()
+        steps += 1
+        assert steps < 10_000
+    return [engine.final_output(r) for r in reqs]
+
+
+def prompts(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lens = [1, 5, 37, 64, 65, 130, 3, 200][:n]
+    return [torch.randint(3, 300, (k,), generator=g).tolist() for k in lens]
+
+
+def ref_greedy(ids, n):
+    ids = list(ids)
+    out = []
+    for _ in range(n):
+        t = int(reference_logits(SD, CFG, ids)[-1].argmax())
+        out.append(t)
+        ids.append(t)
+    return out
+
+
+def test_greedy_matches_float64_reference():
+    eng = make_engine()
+    ps = prompts(4)
+    outs = run(eng, ps, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    for p, o in zip(ps, outs):
+        assert o.outputs[0].token_ids == ref_greedy(p, 6)
+        assert o.outputs[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("budget,slots", [(64, 4), (7, 2), (1000, 8)])
+def test_batched_equals_one_at_a_time(budget, slots):
+    ps = prompts(8)
+    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    seeded = [SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, top_k=50, seed=i, ignore_eos=True)
+              for i in range(len(ps))]
+    alone = [run(make_engine(), [p], greedy)[0].outputs[0].token_ids for p in ps]
+    alone_s = [run(make_engine(), [p], [sp])[0].outputs[0].token_ids for p, sp in zip(ps, seeded)]
+    eng = make_engine(max_num_batched_tokens=budget, max_num_seqs=slots)
+    assert [o.outputs[0].token_ids for o in run(eng, ps, greedy)] == alone
+    assert [o.outputs[0].token_ids for o in run(eng, ps, seeded)] == alone_s
+    assert eng.stats()["slots_used"] == 0
+
+
+def test_same_request_twice_same_tokens():
+    """The official code leaks LRPE positions from one call into the next; tnl must not."""
+    eng = make_engine()
+    p = prompts(3)[2]
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    a = run(eng, [p], sp)[0].outputs[0].token_ids
+    b = run(eng, [p], sp)[0].outputs[0].token_ids
+    assert a == b
+
+
+def test_logprobs_and_prompt_logprobs_match_reference():
+    eng = make_engine(max_num_batched_tokens=16)   # the prompt spans several chunks
+    p = prompts(6)[5]
+    o = run(eng, [p], SamplingParams(max_tokens=3, temperature=0, logprobs=5, prompt_logprobs=2,
+                                     ignore_eos=True))[0]
+    full = p + o.outputs[0].token_ids
+    ref = torch.log_softmax(reference_logits(SD, CFG, full), dim=-1)
+    assert o.prompt_logprobs[0] is None and len(o.prompt_logprobs) == len(p)
+    for i in range(1, len(p)):
+        d = o.prompt_logprobs[i]
+        assert p[i] in d and abs(d[p[i]] - ref[i - 1, p[i]].item()) < 1e-4
+        top2 = ref[i - 1].topk(2).indices.tolist()
+        assert set(top2) <= set(d) and len(d) <= 3
+    for j, (tok, d) in enumerate(zip(o.outputs[0].token_ids, o.outputs[0].logprobs)):
+        row = ref[len(p) - 1 + j]
+        assert tok in d and abs(d[tok] - row[tok].item()) < 1e-4
+        assert set(row.topk(5).indices.tolist()) <= set(d)
+
+
+def test_scoring_with_max_tokens_zero():
+    eng = make_engine()
+    p = prompts(3)[2]
+    o = run(eng, [p], SamplingParams(max_tokens=0, prompt_logprobs=0))[0]
+    assert o.outputs[0].token_ids == [] and o.outputs[0].finish_reason == "length"
+    ref = torch.log_softmax(reference_logits(SD, CFG, p), dim=-1)
+    got = [o.prompt_logprobs[i][p[i]] for i in range(1, len(p))]
+    want = [ref[i - 1, p[i]].item() for i in range(1, len(p))]
+    assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4
+    assert all(len(d) == 1 for d in o.prompt_logprobs[1:])
+
+
+def test_stop_token_ids_and_eos():
+    eng = make_engine()
+    p = prompts(2)[1]
+    free = run(eng, [p], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0].outputs[0].token_ids
+    stop_at = free[3]
+    o = run(eng, [p], SamplingParams(max_tokens=8, temperature=0, stop_token_ids=[stop_at]))[0].outputs[0]
+    k = free.index(stop_at)
+    assert o.token_ids == free[:k + 1] and o.finish_reason == "stop" and o.stop_reason == stop_at
+
+
+def test_abort_frees_slot_and_queue_bound():
+    eng = make_engine(max_num_seqs=1, max_waiting=3)
+    sp = SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True)
+    a = eng.add_request(prompts(1)[0], sp)
+    eng.add_request(prompts(2)[1], sp)
+    eng.add_request(prompts(3)[2], sp)
+    with pytest.raises(QueueFullError):
+        eng.add_request([5, 6], sp)
+    for _ in range(3):
+        eng.step()
+    assert eng.stats() == {"running": 1, "waiting": 2, "slots_used": 1, "slots_total": 1}
+    eng.abort(a.request_id)
+    eng.step()
+    assert a.finish_reason == "abort"
+    assert eng.stats()["running"] == 1 and eng.stats()["waiting"] == 1
+
+
+@pytest.mark.parametrize("bad", [[], [300], [-1], [1, "x"], [1.5]])
+def test_bad_prompts_rejected(bad):
+    with pytest.raises(ValueError, match="prompt"):
+        make_engine().add_request(bad, SamplingParams())
+
+
+@pytest.mark.parametrize("kw,name", [
+    ({"temperature": -1}, "temperature"), ({"temperature": float("nan")}, "temperature"),
+    ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"max_tokens": -1}, "max_tokens"),
+    ({"max_tokens": 10**9}, "max_tokens"), ({"top_k": -5}, "top_k"), ({"min_p": 2}, "min_p"),
+    ({"logprobs": 100}, "logprobs"), ({"stop": [""]}, "stop"), ({"seed": "x"}, "seed"),
+    ({"repetition_penalty": 0}, "repetition_penalty"), ({"presence_penalty": 5}, "presence_penalty"),
+])
+def test_sampling_params_validation_names_parameter(kw, name):
+    with pytest.raises(ValueError, match=name):
+        SamplingParams(**kw)
+
+
+def test_penalties_change_distribution_and_stay_deterministic():
+    eng = make_engine()
+    p = prompts(2)[1]
+    base = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    pen = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, repetition_penalty=1.8,
+                         frequency_penalty=1.0, presence_penalty=0.5)
+    a = run(eng, [p], base)[0].outputs[0].token_ids
+    b = run(eng, [p], pen)[0].outputs[0].token_ids
+    c = run(eng, [p], pen)[0].outputs[0].token_ids
+    assert b == c
+    assert len(set(b)) >= len(set(a))
+
+
+def test_scheduler_long_prompt_does_not_stall_decode():
+    """Each step has a decode token for every running stream, whatever waits to be prefilled."""
+    s = Scheduler(num_slots=4, max_num_batched_tokens=16, max_waiting=10)
+    from tnl.engine.request import Request
+    short = Request("a", [1, 2], SamplingParams(), frozenset())
+    long = Request("b", list(range(3, 100)), SamplingParams(), frozenset())
+    s.add(short)
+    b = s.schedule()
+    short.num_computed = 2
+    s.add(long)
+    for _ in range(5):
+        b = s.schedule()
+        assert b.decode == [short] and b.num_tokens <= 16
+        for r, n in b.prefill:
+            r.num_computed += n
