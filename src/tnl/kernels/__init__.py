@@ -16,11 +16,12 @@ log = logging.getLogger(__name__)
 
 _fla_chunk = None
 _triton_decode = None
+_triton_norm = None
 _checked = False
 
 
 def _load_cuda_kernels() -> None:
-    global _fla_chunk, _triton_decode, _checked
+    global _fla_chunk, _triton_decode, _triton_norm, _checked
     if _checked:
         return
     _checked = True
@@ -33,8 +34,9 @@ def _load_cuda_kernels() -> None:
     except Exception as e:  # fla-core is optional: the [cuda] extra
         log.warning("fla-core not importable (%s); CUDA prefill uses the PyTorch path", e)
     try:
-        from tnl.kernels.triton_decode import recurrent_step_triton
+        from tnl.kernels.triton_decode import recurrent_step_triton, rms_norm as triton_rms_norm
         _triton_decode = recurrent_step_triton
+        _triton_norm = triton_rms_norm
     except Exception as e:
         log.warning("Triton decode kernel unavailable (%s); CUDA decode uses the PyTorch path", e)
 
@@ -46,6 +48,18 @@ def backend_names(device: torch.device) -> dict[str, str]:
     _load_cuda_kernels()
     return {"prefill": "fla.chunk_simple_gla" if _fla_chunk else "torch",
             "decode": "triton" if _triton_decode else "torch"}
+
+
+def rms_norm(x: torch.Tensor, gate: torch.Tensor | None = None, eps: float = 1e-8) -> torch.Tensor:
+    """SimpleRMSNorm over the last dim of x [T, N]: x / (||x|| / sqrt(N) + eps), normalised in
+    float32 and cast back; times `gate` when given (the token mixer's u * srms(o))."""
+    if x.is_cuda:
+        _load_cuda_kernels()
+        if _triton_norm is not None:
+            return _triton_norm(x, gate, eps)
+    xf = x.float()
+    y = (xf / (xf.norm(2, dim=-1, keepdim=True) * xf.shape[-1] ** -0.5 + eps)).to(x.dtype)
+    return y if gate is None else gate * y
 
 
 def decode_attention(q, k, v, decay, pool, slots):

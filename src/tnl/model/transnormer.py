@@ -117,8 +117,7 @@ class NormLinearAttention(nn.Module):
             parts.append(kernels.prefill_attention(q[nd:], k[nd:], v[nd:], self.slope, pool, batch.prefill_slots,
                                                    batch.cu_seqlens, batch.cu_seqlens_list))
         o = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        o = srms(o.reshape(x.shape[0], -1))
-        return self.out_proj(u * o)
+        return self.out_proj(kernels.rms_norm(o.reshape(x.shape[0], -1), gate=u))
 
 
 class SGLU(nn.Module):
@@ -156,8 +155,8 @@ class DecoderLayer(nn.Module):
         self.channel_mixer = SGLU(cfg)
 
     def forward(self, x: torch.Tensor, batch: AttnBatch, pool: torch.Tensor) -> torch.Tensor:
-        x = x + self.token_mixer(srms(x), batch, pool)
-        return x + self.channel_mixer(srms(x))
+        x = x + self.token_mixer(kernels.rms_norm(x), batch, pool)
+        return x + self.channel_mixer(kernels.rms_norm(x))
 
 
 class TransnormerModel(nn.Module):
@@ -213,7 +212,7 @@ class TransnormerForCausalLM(nn.Module):
             x = x * self.model.embed_scale
         for layer, pool in zip(self.model.layers, pools):
             x = layer(x, batch, pool)
-        return srms(x)
+        return kernels.rms_norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, d] normed hidden states -> [N, V] float32 logits."""

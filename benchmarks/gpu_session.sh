@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One device session: GPU tests, the anchor ceilings, `tnl bench`, and (phase "serve") load
+# time, server start-up and HTTP load. Results go to $OUT (default ./out).
+#   bash benchmarks/gpu_session.sh tests bench      # or: serve, demo
+set -u
+OUT=${OUT:-out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+for phase in "$@"; do
+  case $phase in
+  tests)
+    python3 -m pytest tests/test_cuda.py tests/test_model.py -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 ;;
+  bench)
+    python3 benchmarks/anchor_bench.py > "$OUT/anchor_stdout.txt" 2>&1; tail -3 "$OUT/anchor_stdout.txt"
+    python3 -m tnl.cli bench --model random-7b --batch-sizes 1 64 256 --prompt-len 128 --output-len 64 \
+      --prefill-len 16384 --context-lens 1024 65536 --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt" | grep -v INFO ;;
+  serve)
+    python3 - <<'PY' 2>&1 | tee "$OUT/load.txt"
+import os, time, torch
+from tnl.bench import RANDOM_7B
+from tnl.model.weights import make_random_checkpoint, load_model
+d = "/tmp/r7b"
+t = time.perf_counter(); make_random_checkpoint(d, RANDOM_7B, dtype=torch.bfloat16); print("write_s", time.perf_counter() - t)
+files = [os.path.join(d, f) for f in os.listdir(d) if f.endswith(".safetensors")]
+t = time.perf_counter(); n = 0
+for f in files:
+    with open(f, "rb") as fh:
+        while b := fh.read(1 << 26): n += len(b)
+read_s = time.perf_counter() - t; print("read_files_s", read_s, "GB", n / 1e9)
+t = time.perf_counter(); m = load_model(d, device="cuda", dtype="bfloat16", progress=False); torch.cuda.synchronize()
+load_s = time.perf_counter() - t; print("load_model_s", load_s, "ratio_to_read", load_s / read_s)
+print("peak_gpu_GB", torch.cuda.max_memory_allocated() / 1e9)
+PY
+    t0=$(date +%s.%N)
+    python3 -m tnl.cli serve --model /tmp/r7b --port 8123 --max-num-seqs 64 --max-num-batched-tokens 8192 \
+      > "$OUT/serve_log.txt" 2>&1 &
+    SP=$!
+    until curl -sf http://127.0.0.1:8123/health >/dev/null; do sleep 0.5; kill -0 $SP || break; done
+    echo "server_ready_s $(echo "$(date +%s.%N) - $t0" | bc)" | tee -a "$OUT/load.txt"
+    python3 benchmarks/serve_load.py --url http://127.0.0.1:8123 --concurrency 64 --requests 128 \
+      --prompt-len 128 --output-len 128 --json "$OUT/serve_load.json" 2>&1 | tee "$OUT/serve_load.txt"
+    kill -TERM $SP; wait $SP; echo "server exit $?" | tee -a "$OUT/load.txt" ;;
+  demo)
+    python3 demo/train.py --device cuda 2>&1 | tee "$OUT/demo_train.txt" | tail -30
+    mkdir -p "$OUT/demo" && cp src/tnl/demo/* "$OUT/demo/" ;;
+  esac
+done

@@ -1,0 +1,229 @@
+"""`tnl bench`: offline engine speed, each figure next to a ceiling measured in the same run.
+
+Ceilings: device copy bandwidth (bytes read + written) and the bf16 matmul rate.
+Decode roofline per step = (weight bytes read once + float32 state read and written) / copy rate.
+Prefill floor = 2 * params * tokens / matmul rate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+
+import torch
+
+from tnl.config import EngineConfig, ModelConfig
+
+log = logging.getLogger(__name__)
+
+RANDOM_7B = {
+    "model_type": "transnormer", "vocab_size": 64000, "decoder_embed_dim": 4096, "hidden_dim": 4096,
+    "decoder_layers": 30, "decoder_attention_heads": 32, "glu_dim": 11008,
+    "linear_use_lrpe_list": [1] + [0] * 29, "no_scale_embedding": False, "bias": False,
+    "norm_type": "simplermsnorm", "linear_act_fun": "silu", "pad_token_id": 0, "bos_token_id": 1,
+    "eos_token_id": 2, "torch_dtype": "bfloat16",
+}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_ceilings(device: torch.device) -> dict:
+    """Copy bandwidth (GB/s, read + write) and bf16 matmul rate (TFLOP/s), medians."""
+    if device.type != "cuda":
+        return {}
+    from triton.testing import do_bench
+    a = torch.randn(1 << 30, device=device, dtype=torch.bfloat16)
+    b = torch.empty_like(a)
+    ms = do_bench(lambda: b.copy_(a), warmup=50, rep=300, return_mode="median")
+    copy = 2 * a.numel() * 2 / (ms / 1e3) / 1e9
+    del a, b
+    x = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    y = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    ms = do_bench(lambda: x @ y, warmup=50, rep=300, return_mode="median")
+    mm = 2 * 8192**3 / (ms / 1e3) / 1e12
+    del x, y
+    torch.cuda.empty_cache()
+    return {"copy_GBps": copy, "matmul_TFLOPs": mm}
+
+
+def random_model(cfg_dict: dict, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """A random model built straight on the device (no files): for speed, which does not depend
+    on the weights."""
+    from tnl.model.transnormer import TransnormerForCausalLM
+    cfg = ModelConfig.from_dict(cfg_dict)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        m = TransnormerForCausalLM(cfg)
+    m.to(dtype)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if not name.endswith("lrpe.theta"):
+                p.normal_(0, 0.02)
+    for mod in m.modules():   # slopes and decays stay float32
+        for bname, buf in list(mod.named_buffers(recurse=False)):
+            mod._buffers[bname] = buf.float()
+    for layer in m.model.layers:
+        if layer.token_mixer.lrpe is not None:
+            layer.token_mixer.lrpe.theta.data = layer.token_mixer.lrpe.theta.data.float()
+    return m.eval().requires_grad_(False)
+
+
+def weight_bytes(m) -> int:
+    """Bytes one decode step must read: every layer matrix and the head (the embedding lookup
+    reads one row per sequence)."""
+    total = sum(p.numel() * p.element_size() for n, p in m.named_parameters() if "embed_tokens" not in n)
+    return total + m.head_weight.numel() * m.head_weight.element_size()
+
+
+def run_requests(engine, prompts: list[list[int]], max_tokens: int) -> dict:
+    """Run a batch through the engine; time prefill (to first tokens) and decode separately."""
+    from tnl.engine import SamplingParams
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    dev = engine.device
+    _sync(dev)
+    t0 = time.perf_counter()
+    reqs = [engine.add_request(p, sp) for p in prompts]
+    while any(not r.output_token_ids for r in reqs):
+        engine.step()
+    _sync(dev)
+    t1 = time.perf_counter()
+    step_times = []
+    while engine.has_work:
+        s = time.perf_counter()
+        engine.step()
+        step_times.append(time.perf_counter() - s)
+    _sync(dev)
+    t2 = time.perf_counter()
+    for r in reqs:
+        engine.release(r.request_id)
+    decoded = sum(len(r.output_token_ids) - 1 for r in reqs)
+    return {"ttft_s": t1 - t0, "decode_s": t2 - t1, "decode_tokens": decoded,
+            "decode_tok_s": decoded / (t2 - t1) if t2 > t1 else float("nan"),
+            "step_ms_median": 1e3 * statistics.median(step_times) if step_times else float("nan")}
+
+
+def bench(args) -> dict:
+    from tnl.engine import LLMEngine
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
+             "float32": torch.float32, "float16": torch.float16}[args.dtype]
+    out: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                 "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    out.update(measure_ceilings(device))
+    t0 = time.perf_counter()
+    if args.model == "random-7b":
+        model = random_model(RANDOM_7B, device, dtype)
+    else:
+        from tnl.entrypoints import resolve_model_dir
+        from tnl.model.weights import load_model
+        model = load_model(resolve_model_dir(args.model), device=str(device), dtype=args.dtype)
+    if device.type == "cuda":
+        model.fuse()
+    out["load_s"] = time.perf_counter() - t0
+    cfg = model.config
+    wbytes = weight_bytes(model)
+    out.update(params_B=cfg.num_params() / 1e9, weight_GB=wbytes / 1e9, state_MB_per_seq=cfg.state_bytes() / 1e6)
+    from tnl.kernels import backend_names
+    out["kernels"] = backend_names(device)
+    max_bs = max(args.batch_sizes)
+    t0 = time.perf_counter()
+    ec = EngineConfig(max_num_seqs=max_bs, max_num_batched_tokens=max(args.max_num_batched_tokens, max_bs),
+                      max_waiting=1 << 20, cuda_graphs=not args.no_cuda_graphs)
+    engine = LLMEngine(model, None, ec)
+    out["engine_init_s"] = time.perf_counter() - t0
+    g = torch.Generator().manual_seed(0)
+
+    def prompts(n, length):
+        return [torch.randint(3, cfg.vocab_size, (length,), generator=g).tolist() for _ in range(n)]
+
+    rows = []
+    run_requests(engine, prompts(min(2, max_bs), 8), 4)  # warm-up
+    for bs in args.batch_sizes:
+        r = run_requests(engine, prompts(bs, args.prompt_len), args.output_len)
+        r["batch"] = bs
+        if "copy_GBps" in out:
+            floor_s = (wbytes + 2 * bs * cfg.state_bytes()) / (out["copy_GBps"] * 1e9)
+            r["roofline_tok_s"] = bs / floor_s
+            r["roofline_ratio"] = r["decode_tok_s"] / r["roofline_tok_s"]
+        rows.append(r)
+        log.info("batch %d: %s", bs, r)
+    out["decode"] = rows
+
+    if args.prefill_len:
+        pre = []
+        for n in args.prefill_len:
+            engine.scheduler.max_num_batched_tokens = max(n, max_bs)
+            run_requests(engine, prompts(1, n), 1)       # warm-up at this shape
+            r = run_requests(engine, prompts(1, n), 1)
+            row = {"tokens": n, "ttft_s": r["ttft_s"], "prefill_tok_s": n / r["ttft_s"]}
+            if "matmul_TFLOPs" in out:
+                floor = 2 * cfg.num_params() * n / (out["matmul_TFLOPs"] * 1e12)
+                row.update(floor_s=floor, floor_ratio=floor / r["ttft_s"])
+            pre.append(row)
+        out["prefill"] = pre
+        engine.scheduler.max_num_batched_tokens = ec.max_num_batched_tokens
+
+    if args.context_lens:
+        ctx = []
+        for n in args.context_lens:
+            engine.scheduler.max_num_batched_tokens = max(min(n, 16384), max_bs)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            r = run_requests(engine, prompts(args.context_batch, n), args.output_len)
+            row = {"context": n, "batch": args.context_batch, "decode_tok_s": r["decode_tok_s"],
+                   "ms_per_step": r["step_ms_median"]}
+            if device.type == "cuda":
+                row["peak_mem_GB"] = torch.cuda.max_memory_allocated(device) / 1e9
+            ctx.append(row)
+        out["context"] = ctx
+        engine.scheduler.max_num_batched_tokens = ec.max_num_batched_tokens
+    return out
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="random-7b", help="'random-7b' (random 7B-shaped weights), a path or hub id")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--prefill-len", type=int, nargs="*", default=[16384], help="single-prompt prefill lengths")
+    p.add_argument("--context-lens", type=int, nargs="*", default=[1024, 65536],
+                   help="decode speed after prompts this long (constant-time check)")
+    p.add_argument("--context-batch", type=int, default=1)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+
+
+def print_report(out: dict) -> None:
+    print(f"device {out['device']}  torch {out['torch']}  kernels {out.get('kernels')}")
+    if "copy_GBps" in out:
+        print(f"ceilings: copy {out['copy_GBps']:.0f} GB/s, bf16 matmul {out['matmul_TFLOPs']:.0f} TFLOP/s")
+    print(f"model: {out['params_B']:.2f} B params, {out['weight_GB']:.2f} GB read per step, "
+          f"{out['state_MB_per_seq']:.1f} MB state per sequence; load {out['load_s']:.1f} s, "
+          f"engine init (graphs) {out['engine_init_s']:.1f} s")
+    print(f"{'batch':>6} {'TTFT s':>8} {'decode tok/s':>13} {'roofline':>10} {'ratio':>6}")
+    for r in out["decode"]:
+        print(f"{r['batch']:>6} {r['ttft_s']:>8.3f} {r['decode_tok_s']:>13.1f} "
+              f"{r.get('roofline_tok_s', float('nan')):>10.1f} {r.get('roofline_ratio', float('nan')):>6.2f}")
+    for r in out.get("prefill", []):
+        print(f"prefill {r['tokens']} tokens: {r['ttft_s']:.3f} s, {r['prefill_tok_s']:.0f} tok/s, "
+              f"floor ratio {r.get('floor_ratio', float('nan')):.2f}")
+    for r in out.get("context", []):
+        print(f"decode after {r['context']}-token prompt (batch {r['batch']}): {r['ms_per_step']:.2f} ms/step, "
+              f"{r['decode_tok_s']:.1f} tok/s, peak mem {r.get('peak_mem_GB', float('nan')):.2f} GB")
+
+
+def main(args) -> int:
+    out = bench(args)
+    print_report(out)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0

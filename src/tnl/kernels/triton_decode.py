@@ -1,0 +1,87 @@
+"""Triton kernels for the CUDA decode path.
+
+recurrent_step_triton: one token for each of B sequences, reading each state once from the
+pool and writing it once (update + output in one pass, no gather/scatter copies).
+rms_norm / norm_gate: SimpleRMSNorm in one pass over each row (the torch form is ~5 kernels).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _recurrent_step_kernel(q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, pool_ptr, slots_ptr,
+                           stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+                           stride_ob, stride_oh, stride_ps, stride_ph, stride_pk,
+                           DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    vb = tl.program_id(2)
+    slot = tl.load(slots_ptr + b).to(tl.int64)
+    rk = tl.arange(0, BK)
+    rv = vb * BV + tl.arange(0, BV)
+    mk = rk < DK
+    mv = rv < DV
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rk, mask=mk, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + rk, mask=mk, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + rv, mask=mv, other=0.0).to(tl.float32)
+    lam = tl.load(decay_ptr + h)
+    s_ptrs = pool_ptr + slot * stride_ps + h * stride_ph + rk[:, None] * stride_pk + rv[None, :]
+    m2 = mk[:, None] & mv[None, :]
+    S = tl.load(s_ptrs, mask=m2, other=0.0)
+    S = lam * S + k[:, None] * v[None, :]
+    tl.store(s_ptrs, S, mask=m2)
+    o = tl.sum(q[:, None] * S, axis=0)
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + rv, o.to(o_ptr.dtype.element_ty), mask=mv)
+
+
+def recurrent_step_triton(q, k, v, decay, pool, slots):
+    """Same contract as torch_ops.recurrent_step: q, k [B, H, dk]; v [B, H, dv]; decay [H] f32;
+    pool [S, H, dk, dv] f32 contiguous; slots [B] long. Returns o [B, H, dv] in v's dtype."""
+    B, H, DK = q.shape
+    DV = v.shape[-1]
+    assert pool.is_contiguous() and pool.dtype == torch.float32
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+    o = torch.empty(B, H, DV, dtype=v.dtype, device=v.device)
+    BK = triton.next_power_of_2(DK)
+    BV = max(16, min(triton.next_power_of_2(DV), 8192 // BK))
+    grid = (B, H, triton.cdiv(DV, BV))
+    _recurrent_step_kernel[grid](q, k, v, o, decay, pool, slots,
+                                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                                 o.stride(0), o.stride(1), pool.stride(0), pool.stride(1), pool.stride(2),
+                                 DK=DK, DV=DV, BK=BK, BV=BV, num_warps=4)
+    return o
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, g_ptr, y_ptr, stride_x, stride_g, stride_y, N, eps,
+                     HAS_GATE: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    m = cols < N
+    x = tl.load(x_ptr + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+    rms = tl.sqrt(tl.sum(x * x, axis=0)) / tl.sqrt(N.to(tl.float32))
+    y = x / (rms + eps)
+    y = y.to(y_ptr.dtype.element_ty)
+    if HAS_GATE:
+        g = tl.load(g_ptr + row * stride_g + cols, mask=m, other=0.0)
+        y = (g * y).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + row * stride_y + cols, y, mask=m)
+
+
+def rms_norm(x: torch.Tensor, gate: torch.Tensor | None = None, eps: float = 1e-8) -> torch.Tensor:
+    """srms over the last dim of a 2-D tensor, optionally times `gate` (same shape): one pass.
+    Rounds like the torch path: normalise in float32, cast, then gate in the input dtype."""
+    assert x.dim() == 2 and x.stride(-1) == 1
+    n_rows, N = x.shape
+    y = torch.empty(n_rows, N, dtype=x.dtype, device=x.device)
+    if n_rows == 0:
+        return y
+    g = gate if gate is not None else x
+    assert g.stride(-1) == 1
+    BLOCK = triton.next_power_of_2(N)
+    _rms_norm_kernel[(n_rows,)](x, g, y, x.stride(0), g.stride(0), y.stride(0), N, eps,
+                                HAS_GATE=gate is not None, BLOCK=BLOCK, num_warps=8 if BLOCK >= 4096 else 4)
+    return y
