@@ -46,6 +46,25 @@ def test_triton_decode_matches_torch(dk, B):
     assert torch.equal(p2[untouched], pool[untouched])
 
 
+@pytest.mark.parametrize("lrpe", [False, True])
+def test_fused_feature_map_decode_matches_torch(lrpe):
+    """The kernel applies silu (and LRPE at each sequence's position) to raw projections."""
+    from tnl import kernels as K
+    H, dh = 8, 128
+    dk = 2 * dh if lrpe else dh
+    theta = (torch.rand(H, 1, dh, device=DEV) * 0.5) if lrpe else None
+    pool = torch.randn(20, H, dk, dh, device=DEV)
+    slots = torch.tensor([3, 17, 0, 9], device=DEV)
+    positions = torch.tensor([0, 5, 4000, 70000], device=DEV)
+    q, k, v = (torch.randn(4, H, dh, device=DEV).to(torch.bfloat16) for _ in range(3))
+    p1, p2 = pool.clone(), pool.clone()
+    fq, fk = (torch_ops.feature_map(t, theta, positions) for t in (q, k))
+    o1 = torch_ops.recurrent_step(fq, fk, v, torch.exp(-torch.ones(H, device=DEV) * 0.1), p1, slots)
+    o2 = K.decode_attention(q, k, v, torch.exp(-torch.ones(H, device=DEV) * 0.1), p2, slots, theta, positions)
+    assert rel_err(o2.float(), o1.float()) < 1e-2
+    assert rel_err(p2, p1) < 1e-3
+
+
 @pytest.mark.parametrize("dk", [128, 256])
 def test_fla_varlen_prefill_matches_torch_with_pool_states(dk):
     pytest.importorskip("fla")

@@ -62,13 +62,17 @@ def rms_norm(x: torch.Tensor, gate: torch.Tensor | None = None, eps: float = 1e-
     return y if gate is None else gate * y
 
 
-def decode_attention(q, k, v, decay, pool, slots):
-    """One token per sequence. q, k [B, H, dk]; v [B, H, dv]; decay [H]; pool [S, H, dk, dv] f32;
-    slots [B]. Returns o [B, H, dv]."""
+def decode_attention(q, k, v, decay, pool, slots, theta=None, positions=None):
+    """One token per sequence from RAW projections: the feature map (silu, LRPE when theta is
+    given) is applied here, fused into the kernel on CUDA.
+    q, k, v [B, H, dh]; decay [H]; pool [S, H, dk, dv] f32; slots [B]; theta [H, 1, dh] or None;
+    positions [B]. Returns o [B, H, dv]."""
     if q.is_cuda:
         _load_cuda_kernels()
         if _triton_decode is not None:
-            return _triton_decode(q, k, v, decay, pool, slots)
+            return _triton_decode(q, k, v, decay, pool, slots, features=True, theta=theta, positions=positions)
+    q = torch_ops.feature_map(q, theta, positions)
+    k = torch_ops.feature_map(k, theta, positions)
     return torch_ops.recurrent_step(q, k, v, decay, pool, slots)
 
 

@@ -11,6 +11,20 @@ from __future__ import annotations
 import torch
 
 
+def feature_map(x: torch.Tensor, theta: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+    """The query/key feature map: silu, then LRPE when theta is given.
+
+    x: [T, H, dh] raw projection; theta: [H, 1, dh] (trained); positions: [T] absolute.
+    LRPE: [x cos(theta t), x sin(theta t)] per head (key dim doubles); angles in float32.
+    """
+    x = torch.nn.functional.silu(x)
+    if theta is None:
+        return x
+    angle = positions.float().view(-1, 1, 1) * theta.float().view(1, theta.shape[0], theta.shape[-1])
+    xf = x.float()
+    return torch.cat([xf * torch.cos(angle), xf * torch.sin(angle)], dim=-1).to(x.dtype)
+
+
 def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor,
                     state: torch.Tensor, chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """One sequence, all heads, continuing from `state`.

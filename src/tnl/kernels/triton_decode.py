@@ -12,10 +12,11 @@ import triton.language as tl
 
 
 @triton.jit
-def _recurrent_step_kernel(q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, pool_ptr, slots_ptr,
+def _recurrent_step_kernel(q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, pool_ptr, slots_ptr, theta_ptr, pos_ptr,
                            stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
                            stride_ob, stride_oh, stride_ps, stride_ph, stride_pk,
-                           DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+                           DH: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
+                           BV: tl.constexpr, FEATURES: tl.constexpr, LRPE: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     vb = tl.program_id(2)
@@ -24,8 +25,22 @@ def _recurrent_step_kernel(q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, pool_ptr, slot
     rv = vb * BV + tl.arange(0, BV)
     mk = rk < DK
     mv = rv < DV
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rk, mask=mk, other=0.0).to(tl.float32)
-    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + rk, mask=mk, other=0.0).to(tl.float32)
+    if FEATURES:
+        # raw projections in: silu, then LRPE [x cos(theta t), x sin(theta t)] when on
+        src = rk % DH
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + src, mask=mk, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + b * stride_kb + h * stride_kh + src, mask=mk, other=0.0).to(tl.float32)
+        q = (q * tl.sigmoid(q)).to(q_ptr.dtype.element_ty).to(tl.float32)
+        k = (k * tl.sigmoid(k)).to(k_ptr.dtype.element_ty).to(tl.float32)
+        if LRPE:
+            t = tl.load(pos_ptr + b).to(tl.float32)
+            ang = tl.load(theta_ptr + h * DH + src, mask=mk, other=0.0).to(tl.float32) * t
+            f = tl.where(rk < DH, tl.cos(ang), tl.sin(ang))
+            q = (q * f).to(q_ptr.dtype.element_ty).to(tl.float32)
+            k = (k * f).to(k_ptr.dtype.element_ty).to(tl.float32)
+    else:
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rk, mask=mk, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + b * stride_kb + h * stride_kh + rk, mask=mk, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + b * stride_vb + h * stride_vh + rv, mask=mv, other=0.0).to(tl.float32)
     lam = tl.load(decay_ptr + h)
     s_ptrs = pool_ptr + slot * stride_ps + h * stride_ph + rk[:, None] * stride_pk + rv[None, :]
@@ -37,10 +52,15 @@ def _recurrent_step_kernel(q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, pool_ptr, slot
     tl.store(o_ptr + b * stride_ob + h * stride_oh + rv, o.to(o_ptr.dtype.element_ty), mask=mv)
 
 
-def recurrent_step_triton(q, k, v, decay, pool, slots):
+def recurrent_step_triton(q, k, v, decay, pool, slots, features: bool = False, theta=None, positions=None):
     """Same contract as torch_ops.recurrent_step: q, k [B, H, dk]; v [B, H, dv]; decay [H] f32;
-    pool [S, H, dk, dv] f32 contiguous; slots [B] long. Returns o [B, H, dv] in v's dtype."""
-    B, H, DK = q.shape
+    pool [S, H, dk, dv] f32 contiguous; slots [B] long. Returns o [B, H, dv] in v's dtype.
+
+    With features=True, q and k are the raw projections [B, H, dh]: the kernel applies silu and,
+    when theta [H, 1, dh] is given, LRPE at `positions` [B] (then dk = 2 dh), rounding to the
+    input dtype after each step as the unfused torch path does."""
+    B, H, DH = q.shape
+    DK = 2 * DH if (features and theta is not None) else DH
     DV = v.shape[-1]
     assert pool.is_contiguous() and pool.dtype == torch.float32
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
@@ -48,10 +68,14 @@ def recurrent_step_triton(q, k, v, decay, pool, slots):
     BK = triton.next_power_of_2(DK)
     BV = max(16, min(triton.next_power_of_2(DV), 8192 // BK))
     grid = (B, H, triton.cdiv(DV, BV))
-    _recurrent_step_kernel[grid](q, k, v, o, decay, pool, slots,
+    assert pool.shape[2] == DK, (pool.shape, DK)
+    th = theta.reshape(-1) if theta is not None else decay
+    ps = positions if positions is not None else slots
+    _recurrent_step_kernel[grid](q, k, v, o, decay, pool, slots, th, ps,
                                  q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                                  o.stride(0), o.stride(1), pool.stride(0), pool.stride(1), pool.stride(2),
-                                 DK=DK, DV=DV, BK=BK, BV=BV, num_warps=4)
+                                 DH=DH, DK=DK, DV=DV, BK=BK, BV=BV, FEATURES=features, LRPE=theta is not None,
+                                 num_warps=4)
     return o
 
 

@@ -66,7 +66,8 @@ class AttnBatch:
 
 
 class Lrpe(nn.Module):
-    """Linearized relative positional encoding: x -> [x cos(theta t), x sin(theta t)] per head.
+    """Linearized relative positional encoding: x -> [x cos(theta t), x sin(theta t)] per head
+    (applied by kernels.torch_ops.feature_map, or inside the CUDA decode kernel).
     theta is a trained parameter [H, 1, dh]: loaded, never recomputed."""
 
     def __init__(self, n_heads: int, head_dim: int):
@@ -76,12 +77,6 @@ class Lrpe(nn.Module):
         with torch.no_grad():
             if self.theta.device.type != "meta":
                 self.theta.copy_((10000 ** (-2 / d * torch.arange(d))).reshape(n_heads, 1, head_dim))
-
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x: [T, H, dh]; positions: [T]. Angles in float32 whatever the weight dtype.
-        angle = positions.float().view(-1, 1, 1) * self.theta.float().view(1, *self.theta.shape[::2])
-        xf = x.float()
-        return torch.cat([xf * torch.cos(angle), xf * torch.sin(angle)], dim=-1).to(x.dtype)
 
 
 class NormLinearAttention(nn.Module):
@@ -97,24 +92,34 @@ class NormLinearAttention(nn.Module):
         self.register_buffer("slope", slope, persistent=False)             # [H]
         self.register_buffer("decay", torch.exp(-slope), persistent=False)  # [H]
 
+    @property
+    def theta(self) -> torch.Tensor | None:
+        return self.lrpe.theta if self.lrpe is not None else None
+
     def project(self, x: torch.Tensor, positions: torch.Tensor):
-        """x: [T, d] (already normed) -> q, k [T, H, dk], v [T, H, dh], u [T, hidden]."""
+        """x: [T, d] (already normed) -> q, k [T, H, dk] (feature-mapped), v [T, H, dh], u [T, hidden]."""
+        q, k, v, u = self.raw_project(x)
+        fm = kernels.torch_ops.feature_map
+        return fm(q, self.theta, positions), fm(k, self.theta, positions), v, u
+
+    def raw_project(self, x: torch.Tensor):
         T = x.shape[0]
         q, k, v, u = self.qkvu_proj(x).chunk(4, dim=-1)
         q, k, v = (t.reshape(T, self.n_heads, self.head_dim) for t in (q, k, v))
-        q, k = F.silu(q), F.silu(k)
-        if self.lrpe is not None:
-            q, k = self.lrpe(q, positions), self.lrpe(k, positions)
         return q, k, v, u
 
     def forward(self, x: torch.Tensor, batch: AttnBatch, pool: torch.Tensor) -> torch.Tensor:
-        q, k, v, u = self.project(x, batch.positions)
+        q, k, v, u = self.raw_project(x)
         nd = batch.n_decode
         parts = []
         if nd:
-            parts.append(kernels.decode_attention(q[:nd], k[:nd], v[:nd], self.decay, pool, batch.decode_slots))
+            parts.append(kernels.decode_attention(q[:nd], k[:nd], v[:nd], self.decay, pool, batch.decode_slots,
+                                                  self.theta, batch.positions[:nd]))
         if x.shape[0] > nd:
-            parts.append(kernels.prefill_attention(q[nd:], k[nd:], v[nd:], self.slope, pool, batch.prefill_slots,
+            fm = kernels.torch_ops.feature_map
+            pos = batch.positions[nd:]
+            parts.append(kernels.prefill_attention(fm(q[nd:], self.theta, pos), fm(k[nd:], self.theta, pos),
+                                                   v[nd:], self.slope, pool, batch.prefill_slots,
                                                    batch.cu_seqlens, batch.cu_seqlens_list))
         o = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         return self.out_proj(kernels.rms_norm(o.reshape(x.shape[0], -1), gate=u))

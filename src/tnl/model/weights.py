@@ -1,0 +1,479 @@
+"""Checkpoint files -> a ready model, and random checkpoints for tests and benchmarks.
+
+Layouts read (in this order of preference, the first one present wins):
+    model.safetensors.index.json + model-0000k-of-0000n.safetensors
+    model.safetensors
+    pytorch_model.bin.index.json + pytorch_model-0000k-of-0000n.bin
+    pytorch_model.bin
+(shards without their index are read too when the whole 1..n set is present).
+
+Loading streams one tensor at a time: the model is built on the meta device (no memory), each
+checkpoint tensor is read from the file, converted to the target dtype, moved to the target
+device and becomes its parameter. No second copy of the weights exists at any time, so a
+model loads where it fits (the 7B, 13.7 GB in bf16, on a 24 GB GPU).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from tnl.config import ModelConfig, layer_slopes
+from tnl.model.transnormer import Lrpe, TransnormerForCausalLM, expected_tensors
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory tnl cannot load; the message says which file or tensor and why."""
+
+
+CONFIG_NAME = "config.json"
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+_SHARD_RE = re.compile(r"^(model|pytorch_model)-(\d+)-of-(\d+)\.(safetensors|bin)$")
+
+# Written by the official (fairseq-era) code; its loader ignores it, so does tnl.
+IGNORED_TENSORS = frozenset({"decoder.version"})
+HEAD = "lm_head.weight"
+EMBED = "model.embed_tokens.weight"
+MAX_LISTED = 30  # per kind of problem in one error message
+
+_DTYPES = {
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}
+
+
+# ---- device and dtype ---------------------------------------------------------------------------
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" -> cuda if available else cpu; otherwise a torch device string that exists here."""
+    if isinstance(device, torch.device):
+        dev = device
+    elif device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"bad device {device!r} ({e}); expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine (use 'cpu' or 'auto')")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type == "meta":
+        raise ValueError("device 'meta' holds no data; expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
+    """The weight dtype: "auto" is bfloat16 on CUDA and float32 on CPU.
+
+    float16 is allowed but warned about: the released 7B overflows in fp16 (NaN probabilities)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"unsupported dtype {dtype}; choose one of: auto, {', '.join(_DTYPES)}")
+        out = dtype
+    elif not isinstance(dtype, str):
+        raise ValueError(f"bad dtype {dtype!r}; choose one of: auto, {', '.join(_DTYPES)}")
+    elif dtype.lower() == "auto":
+        kind = resolve_device(device).type if device == "auto" else torch.device(device).type
+        return torch.bfloat16 if kind == "cuda" else torch.float32
+    elif dtype.lower().removeprefix("torch.") in _DTYPES:
+        out = _DTYPES[dtype.lower().removeprefix("torch.")]
+    else:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of: auto, {', '.join(_DTYPES)}")
+    if out == torch.float16:
+        logger.warning("float16 weights: the TransNormerLLM-7B overflows in fp16 (NaN probabilities have "
+                       "been reported); bfloat16 is recommended")
+    return out
+
+
+# ---- finding the files ---------------------------------------------------------------------------
+@dataclass
+class WeightFiles:
+    """The weight files of one checkpoint directory, in read order."""
+
+    fmt: str                 # "safetensors" | "bin"
+    files: list[str]         # absolute paths
+    index: str | None        # the index json, when the layout has one
+
+
+def _from_index(directory: str, index_name: str, fmt: str) -> WeightFiles:
+    index_path = os.path.join(directory, index_name)
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("'weight_map' must map tensor names to file names")
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index_path}: not a valid index file ({type(e).__name__}: {e}); expected "
+                              "JSON with a 'weight_map' of tensor name -> shard file") from None
+    shards = sorted(set(weight_map.values()))
+    if not shards:
+        raise CheckpointError(f"{index_path}: 'weight_map' is empty; expected tensor name -> shard file")
+    missing = [s for s in shards if not os.path.isfile(os.path.join(directory, s))]
+    if missing:
+        raise CheckpointError(f"{index_path} names shard file(s) that are not in {directory}: "
+                              f"{', '.join(missing)} (the download may be incomplete)")
+    return WeightFiles(fmt, [os.path.join(directory, s) for s in shards], index_path)
+
+
+def _unindexed_shards(directory: str, names: list[str], stem: str, ext: str) -> WeightFiles | None:
+    found = {}
+    for n in names:
+        m = _SHARD_RE.match(n)
+        if m and m.group(1) == stem and m.group(4) == ext:
+            found.setdefault(int(m.group(3)), {})[int(m.group(2))] = n
+    if not found:
+        return None
+    total = max(found)
+    have = found[total]
+    lacking = [f"{stem}-{k:05d}-of-{total:05d}.{ext}" for k in range(1, total + 1) if k not in have]
+    index_name = SAFE_INDEX if ext == "safetensors" else BIN_INDEX
+    if lacking:
+        raise CheckpointError(f"{directory}: no {index_name} and shard file(s) missing: {', '.join(lacking)}")
+    logger.warning("%s: no %s; reading the %d shards found", directory, index_name, total)
+    return WeightFiles(ext, [os.path.join(directory, have[k]) for k in sorted(have)], None)
+
+
+def find_weight_files(directory: str) -> WeightFiles:
+    """The weight files of a checkpoint directory (safetensors preferred over .bin)."""
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory}: not a directory; expected a checkpoint folder with "
+                              f"{CONFIG_NAME} and weight files")
+    names = sorted(os.listdir(directory))
+    if SAFE_INDEX in names:
+        return _from_index(directory, SAFE_INDEX, "safetensors")
+    if SAFE_SINGLE in names:
+        return WeightFiles("safetensors", [os.path.join(directory, SAFE_SINGLE)], None)
+    shards = _unindexed_shards(directory, names, "model", "safetensors")
+    if shards:
+        return shards
+    if BIN_INDEX in names:
+        return _from_index(directory, BIN_INDEX, "bin")
+    if BIN_SINGLE in names:
+        return WeightFiles("bin", [os.path.join(directory, BIN_SINGLE)], None)
+    shards = _unindexed_shards(directory, names, "pytorch_model", "bin")
+    if shards:
+        return shards
+    shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "") if names else "nothing"
+    raise CheckpointError(
+        f"{directory}: no weight files. Expected {SAFE_SINGLE}, model-0000k-of-0000n.safetensors + "
+        f"{SAFE_INDEX}, {BIN_SINGLE}, or pytorch_model-0000k-of-0000n.bin + {BIN_INDEX}; found: {shown}")
+
+
+# ---- reading tensors -----------------------------------------------------------------------------
+def _load_bin(path: str) -> dict[str, torch.Tensor]:
+    """A .bin state dict, memory-mapped where the file format allows (zip format, torch >= 2.1)."""
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            # Legacy (pre-zip) serialization cannot be mapped: read the whole shard.
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError/OSError/pickle errors for damaged files
+        raise CheckpointError(f"{path}: cannot read this .bin file ({type(e).__name__}: {e}); it may be "
+                              "truncated or not a PyTorch state dict (re-download it)") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors, got {type(sd).__name__}")
+    return sd
+
+
+def _open_safetensors(path: str):
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except Exception as e:  # SafetensorError derives from Exception only
+        raise CheckpointError(f"{path}: cannot read this safetensors file ({e}); it may be truncated "
+                              "(re-download it)") from None
+
+
+def _scan(wf: WeightFiles) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, file) over all files, reading only headers (safetensors) or mmaps (.bin)."""
+    found: dict[str, tuple[tuple[int, ...], str]] = {}
+    dup = []
+    for path in wf.files:
+        if wf.fmt == "safetensors":
+            with _open_safetensors(path) as f:
+                entries = [(n, tuple(f.get_slice(n).get_shape())) for n in f.keys()]
+        else:
+            sd = _load_bin(path)
+            entries = [(n, tuple(t.shape)) for n, t in sd.items()]
+            del sd
+        for name, shape in entries:
+            if name in found:
+                dup.append(f"{name} (in {os.path.basename(found[name][1])} and {os.path.basename(path)})")
+            found[name] = (shape, path)
+    if dup:
+        raise CheckpointError("tensors stored twice: " + "; ".join(dup))
+    return found
+
+
+def _listing(items: list[str]) -> str:
+    shown = items[:MAX_LISTED]
+    more = f"\n    ... and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
+    return "".join(f"\n    {s}" for s in shown) + more
+
+
+def _check_names(cfg: ModelConfig, found: dict, directory: str) -> set[str]:
+    """Compare the checkpoint with the model; raise one CheckpointError listing every problem.
+    Returns the checkpoint names to skip (ignored ones, a tied checkpoint's redundant head)."""
+    expected = expected_tensors(cfg)
+    skip = {n for n in found if n in IGNORED_TENSORS}
+    if cfg.tie_word_embeddings and HEAD in found:
+        skip.add(HEAD)  # the head is the embedding; a saved copy of it is redundant
+    missing = [n for n in expected if n not in found]
+    unexpected = [n for n in found if n not in expected and n not in skip]
+    wrong = [(n, expected[n], found[n][0], found[n][1]) for n in expected
+             if n in found and tuple(found[n][0]) != tuple(expected[n])]
+    if not (missing or unexpected or wrong):
+        return skip
+    parts = [f"checkpoint {directory} does not match its config.json:"]
+    if missing:
+        parts.append(f"  missing tensors ({len(missing)}):" + _listing([f"{n} {list(expected[n])}" for n in missing]))
+        if HEAD in missing:
+            parts.append("  lm_head.weight is missing and config.json says \"tie_word_embeddings\": false; if "
+                         "the head shares the embedding matrix, set it to true (or remove the key)")
+    if unexpected:
+        parts.append(f"  unexpected tensors ({len(unexpected)}):" + _listing(
+            [f"{n} {list(found[n][0])} in {os.path.basename(found[n][1])}" for n in unexpected]))
+    if wrong:
+        parts.append(f"  wrong shapes ({len(wrong)}):" + _listing(
+            [f"{n}: expected {list(e)}, found {list(s)} in {os.path.basename(p)}" for n, e, s, p in wrong]))
+    if wrong or (missing and unexpected):
+        parts.append("  (is config.json the one that belongs to these weights?)")
+    raise CheckpointError("\n".join(parts))
+
+
+def _iter_tensors(wf: WeightFiles, skip: set[str]):
+    """Yield (path, name, cpu tensor) one tensor at a time, file by file. The tensors are
+    private (copy-on-write) memory maps of the file where the reader maps it."""
+    for path in wf.files:
+        if wf.fmt == "safetensors":
+            with _open_safetensors(path) as f:
+                for name in f.keys():
+                    if name not in skip:
+                        yield path, name, f.get_tensor(name)
+        else:
+            sd = _load_bin(path)
+            for name in list(sd):
+                t = sd.pop(name)  # drop the dict's reference so each tensor is freed after use
+                if name not in skip:
+                    yield path, name, t
+            del sd
+
+
+def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+
+
+def _place_buffers(model: TransnormerForCausalLM, device: torch.device) -> None:
+    """The per-layer decay rates are computed, not stored: under meta they have no values yet.
+    Same formula as NormLinearAttention.__init__ (tests check they agree)."""
+    for i, layer in enumerate(model.model.layers):
+        tm = layer.token_mixer
+        slope = torch.tensor(layer_slopes(model.config, i), dtype=torch.float32)
+        tm.slope = slope.to(device)
+        tm.decay = torch.exp(-slope).to(device)
+
+
+def _check_ignored_head(wf: WeightFiles, found: dict, model: TransnormerForCausalLM) -> None:
+    """A tied checkpoint's saved lm_head should equal the embedding; warn if it does not
+    (it is ignored either way, as Hugging Face does when it ties the weights)."""
+    path = found[HEAD][1]
+    rows = 8
+    if wf.fmt == "safetensors":
+        with _open_safetensors(path) as f:
+            head = f.get_slice(HEAD)[:rows]
+    else:
+        head = _load_bin(path)[HEAD][:rows].clone()
+    emb = model.model.embed_tokens.weight[:rows].cpu()
+    if not torch.equal(head.to(emb.dtype), emb):  # both rounded to the model's dtype the same way
+        logger.warning("%s: lm_head.weight differs from the embedding but config.json ties them "
+                       "(tie_word_embeddings true or absent); lm_head.weight is ignored", path)
+    else:
+        logger.debug("%s: lm_head.weight equals the embedding (tied); ignored", path)
+
+
+def load_model(path: str, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+               progress: bool = True) -> TransnormerForCausalLM:
+    """Load a TransNormerLLM checkpoint directory.
+
+    Args:
+        path: directory with config.json and the weights (see the module docstring for layouts).
+        device: "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:N".
+        dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "bfloat16", "float16", "float32" or a
+            torch.dtype. LRPE theta stays float32 whatever this is (angles need the precision).
+        progress: show a progress bar over bytes on stderr (only when stderr is a terminal).
+    Returns:
+        the model in eval mode, gradients off, every parameter and buffer on `device`.
+    Raises:
+        ConfigError: config.json missing, unparsable, or with a missing / wrong-typed key.
+        CheckpointError: weight files missing, damaged, or not matching config.json.
+        ValueError: a bad device or dtype.
+    """
+    dev = resolve_device(device)
+    target = resolve_dtype(dtype, dev)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: not a directory; expected a checkpoint folder with "
+                              f"{CONFIG_NAME} and weight files")
+    cfg = ModelConfig.from_file(os.path.join(path, CONFIG_NAME))
+    wf = find_weight_files(path)
+    found = _scan(wf)
+    skip = _check_names(cfg, found, path)
+    for name in sorted(skip - {HEAD}):
+        logger.debug("ignoring checkpoint tensor %s", name)
+
+    with torch.device("meta"):
+        model = TransnormerForCausalLM(cfg)
+
+    t0 = time.perf_counter()
+    read_bytes = in_place = 0
+    sizes = [os.path.getsize(f) for f in wf.files]
+    # Over file bytes; disable=None turns the bar off when stderr is not a terminal (logs, CI).
+    bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc=f"Loading {os.path.basename(path.rstrip('/'))}",
+               file=sys.stderr, disable=None if progress else True, leave=False)
+    file_start = dict(zip(wf.files, [sum(sizes[:i]) for i in range(len(sizes))]))
+    with torch.no_grad():
+        for file, name, t in _iter_tensors(wf, skip):
+            bar.update(max(0, file_start[file] - bar.n))  # headers and skipped tensors of earlier files
+            want = torch.float32 if name.endswith("lrpe.theta") else target
+            # On CPU in the file's dtype this is no copy at all: the parameter is the (private)
+            # mapping of the file, paged in on first use and shared with the page cache.
+            value = t.to(device=dev, dtype=want).contiguous()
+            _set_parameter(model, name, value)
+            nbytes = t.numel() * t.element_size()
+            in_place += nbytes if value.data_ptr() == t.data_ptr() else 0
+            del t, value
+            read_bytes += nbytes
+            bar.update(nbytes)
+    bar.update(bar.total - bar.n)
+    bar.close()
+    _place_buffers(model, dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    seconds = time.perf_counter() - t0
+
+    left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta"]
+    if left:  # _check_names guarantees this cannot happen; fail loudly rather than run on meta tensors
+        raise CheckpointError(f"{path}: internal error, tensors left without values: {', '.join(left)}")
+    if HEAD in skip:
+        _check_ignored_head(wf, found, model)
+    model.eval()
+    model.requires_grad_(False)
+    logger.info("loaded %s: %d tensors, %.2f GB (%s) in %.2f s (%.2f GB/s) -> %s %s%s",
+                path, len(found) - len(skip), read_bytes / 1e9, wf.fmt, seconds,
+                read_bytes / 1e9 / max(seconds, 1e-9), dev, str(target).removeprefix("torch."),
+                f"; {in_place / 1e9:.2f} GB used in place (memory-mapped, read from disk on first use)"
+                if in_place >= 1e7 else "")
+    return model
+
+
+# ---- writing checkpoints ---------------------------------------------------------------------------
+def _official_state_dict(model: TransnormerForCausalLM) -> dict[str, torch.Tensor]:
+    """The model's tensors under the official names (a fused l12 is split back into l1 and l2)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if ".channel_mixer.l12." in name:
+            a, b = p.detach().chunk(2, dim=0)
+            out[name.replace(".l12.", ".l1.")] = a
+            out[name.replace(".l12.", ".l2.")] = b
+        else:
+            out[name] = p.detach()
+    return out
+
+
+def _config_dict_for(cfg: dict, dtype: torch.dtype | None) -> dict:
+    cfg = dict(cfg)
+    if dtype is not None:
+        cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    return cfg
+
+
+def save_checkpoint(model: TransnormerForCausalLM, directory: str, dtype: torch.dtype | None = None) -> str:
+    """Write config.json + model.safetensors under the official names (tied: no lm_head.weight).
+
+    dtype: convert the weights (theta stays float32); None keeps each tensor's dtype.
+    Returns the directory. Holds one CPU copy of the weights while writing."""
+    os.makedirs(directory, exist_ok=True)
+    sd = {}
+    for name, t in _official_state_dict(model).items():
+        want = torch.float32 if name.endswith("lrpe.theta") else (dtype or t.dtype)
+        sd[name] = t.to("cpu", want).contiguous()
+    save_file(sd, os.path.join(directory, SAFE_SINGLE), metadata={"format": "pt"})
+    with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
+        json.dump(_config_dict_for(model.config.to_dict(), dtype), f, indent=2)
+    return directory
+
+
+def make_random_checkpoint(directory: str, cfg_dict: dict, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                           max_shard_bytes: int = 2 * 10**9) -> str:
+    """Write a random-weight checkpoint of any size: config.json, model-0000k-of-0000n.safetensors
+    shards of at most ~max_shard_bytes, and model.safetensors.index.json.
+
+    Weights are normal(0, init_std) (config's init_std, default 0.02), biases zero, LRPE theta
+    its default. Tensors are generated shard by shard, so peak memory is about one shard (2 GB),
+    not the model (14 GB for the 7B in bf16). Returns the directory."""
+    cfg = ModelConfig.from_dict(cfg_dict)
+    std = float(cfg_dict.get("init_std", 0.02))
+    names = expected_tensors(cfg)  # model order: embedding, layer by layer, head
+    item = torch.empty((), dtype=dtype).element_size()
+
+    def nbytes(name: str) -> int:
+        return math.prod(names[name]) * (4 if name.endswith("lrpe.theta") else item)
+
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in names:
+        if shards[-1] and size + nbytes(name) > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes(name)
+
+    os.makedirs(directory, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    n = len(shards)
+    weight_map = {}
+    for k, shard in enumerate(shards, start=1):
+        fname = f"model-{k:05d}-of-{n:05d}.safetensors"
+        part = {}
+        for name in shard:
+            shape = names[name]
+            if name.endswith("lrpe.theta"):
+                part[name] = Lrpe(shape[0], shape[2]).theta.detach().float()
+            elif name.endswith(".bias"):
+                part[name] = torch.zeros(shape, dtype=dtype)
+            else:
+                part[name] = torch.empty(shape, dtype=dtype).normal_(0.0, std, generator=gen)
+            weight_map[name] = fname
+        save_file(part, os.path.join(directory, fname), metadata={"format": "pt"})
+        del part
+        logger.debug("wrote %s (%d tensors)", fname, len(shard))
+    total = sum(nbytes(name) for name in names)
+    with open(os.path.join(directory, SAFE_INDEX), "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
+        json.dump(_config_dict_for(cfg_dict, dtype), f, indent=2)
+    logger.info("wrote a random checkpoint to %s: %d shards, %.2f GB", directory, n, total / 1e9)
+    return directory

@@ -1,0 +1,185 @@
+"""The FastAPI app: routes, error handling, API-key check, CORS, access log, engine lifetime.
+
+Middleware order, outermost first:
+    AccessLogMiddleware  request id, one access-log line, tnl_requests_total, and the last-resort
+                         500 (logged traceback, generic message, the server stays up)
+    CORSMiddleware       only with --cors-origins (so even a 401 carries CORS headers)
+    APIKeyMiddleware     only with --api-key; runs before the body is read
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import tnl
+from tnl.server import routes_openai, routes_ops, routes_seed
+from tnl.server.config import ServerConfig
+from tnl.server.errors import error_body, error_response, install_error_handlers
+from tnl.server.metrics import ServerMetrics
+from tnl.server.serving import ServerState
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("tnl.access")
+
+# Reachable without the API key: liveness for load balancers, and the chat page with its files
+# and the API docs (pages only; everything they call needs the key).
+OPEN_PATHS = {"/health", "/", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/favicon.ico"}
+OPEN_PREFIXES = ("/static/",)
+
+
+class APIKeyMiddleware:
+    def __init__(self, app: ASGIApp, api_key: str):
+        self.app = app
+        self.key = api_key.encode()
+
+    @staticmethod
+    def is_open(scope: Scope) -> bool:
+        path, method = scope["path"], scope["method"]
+        if method == "OPTIONS":  # CORS preflights carry no credentials
+            return True
+        if method in ("GET", "HEAD"):
+            return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+        return False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.is_open(scope):
+            return await self.app(scope, receive, send)
+        header = Headers(scope=scope).get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.key):
+            return await self.app(scope, receive, send)
+        message = ("missing API key: send the header 'Authorization: Bearer <key>'" if not header
+                   else "invalid API key")
+        response = error_response(message, 401, None, {"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
+
+
+def route_label(scope: Scope) -> str:
+    """A bounded label for metrics: the matched route's path, never the raw URL."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if path is not None else "unmatched"
+
+
+class AccessLogMiddleware:
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics, log_prompts: bool):
+        self.app = app
+        self.metrics = metrics
+        self.log_prompts = log_prompts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = uuid.uuid4().hex[:16]
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        state["start_time"] = time.monotonic()
+        status = [None]
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("request %s %s %s failed", rid, scope["method"], scope["path"])
+            if status[0] is None:
+                status[0] = 500
+                body = error_body(f"internal server error (request id {rid}); the details are in the server log",
+                                  500)
+                await JSONResponse(body, status_code=500)(scope, receive, send_with_id)
+        finally:
+            self._record(scope, state, rid, status[0])
+
+    def _record(self, scope: Scope, state: dict, rid: str, status: int | None) -> None:
+        route = route_label(scope)
+        code = str(status or 499)  # no response started: the client left first
+        self.metrics.requests.labels(route, code).inc()
+        ms = (time.monotonic() - state["start_time"]) * 1000
+        client = scope.get("client")
+        line = (f"{rid} {client[0] if client else '-'} {scope['method']} {scope['path']} {code} "
+                f"in={state.get('tokens_in', 0)} out={state.get('tokens_out', 0)} {ms:.1f}ms")
+        if state.get("aborted"):
+            line += " aborted"  # the client left (or the shutdown grace ran out) before the end
+        if self.log_prompts and "log_prompt" in state:
+            line += f" prompt={state['log_prompt']!r} response={state.get('log_response', '')!r}"
+        access_log.info(line)
+
+
+def build_app(engine, server_config: ServerConfig, *, load_engine: Callable[[], object] | None = None,
+              on_load_error: Callable[[], None] | None = None) -> FastAPI:
+    """The HTTP app over an engine.
+
+    Args:
+        engine: a started tnl.engine.AsyncEngine, or None when `load_engine` will make one.
+        server_config: the server's options (model name, API key, CORS, logging, ...).
+        load_engine: called in a background thread at startup when `engine` is None, so the port
+            opens at once and GET /health says 503 until the model is loaded.
+        on_load_error: called (from that thread) when load_engine raises; `serve` stops the server.
+
+    Returns:
+        The FastAPI app. It owns the engine: the engine is shut down when the app's lifespan ends.
+    """
+    metrics = ServerMetrics(lambda: state.engine.stats() if state.engine is not None else None)
+    state = ServerState(config=server_config, metrics=metrics, engine=engine)
+
+    def load() -> None:
+        try:
+            eng = load_engine()
+        except BaseException as e:
+            state.load_error = f"{type(e).__name__}: {e}"
+            log.exception("loading the model failed")
+            if on_load_error is not None:
+                on_load_error()
+            return
+        if state.shutting_down:
+            eng.shutdown()
+            return
+        state.engine = eng
+        log.info("model %s ready; serving it as '%s'", server_config.model or "(demo)", state.model_name)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if state.engine is None and load_engine is not None:
+            threading.Thread(target=load, name="tnl-load", daemon=True).start()
+        try:
+            yield
+        finally:
+            state.shutting_down = True
+            if state.engine is not None:
+                await asyncio.to_thread(state.engine.shutdown)
+                log.info("engine shut down")
+
+    app = FastAPI(title="tnl", version=tnl.__version__, lifespan=lifespan, redoc_url=None,
+                  description="TransNormerLLM serving: the seed tutorial's POST /, an OpenAI-compatible "
+                              "API under /v1, and operations routes.")
+    app.state.tnl = state
+    install_error_handlers(app)
+    app.include_router(routes_seed.router)
+    app.include_router(routes_openai.router)
+    app.include_router(routes_ops.router)
+    app.mount("/static", StaticFiles(directory=routes_seed.STATIC_DIR, check_dir=False), name="static")
+    if server_config.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=server_config.api_key)
+    if server_config.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(server_config.cors_origins),
+                           allow_methods=["*"], allow_headers=["*"], expose_headers=["x-request-id"])
+    app.add_middleware(AccessLogMiddleware, metrics=metrics, log_prompts=server_config.log_prompts)
+    return app

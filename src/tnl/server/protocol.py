@@ -1,0 +1,366 @@
+"""Request and response bodies (pydantic): the seed API, OpenAI's API, tokenize / detokenize.
+
+Field names follow OpenAI (and vLLM for the extras top_k, min_p, repetition_penalty,
+stop_token_ids, ignore_eos, skip_special_tokens). Unknown fields are ignored, because OpenAI
+clients send fields a server may not know; a known field with the wrong type is a 400
+(numbers are strict: "5" is not 5, 1.0 is not an int, true is not 1).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator, model_validator
+
+from tnl.engine.sampling_params import MAX_LOGPROBS, MAX_TOKENS_CAP
+
+# MAX_TOKENS_CAP (1,000,000): a max_tokens above it is a mistake, not a plan; it is refused
+# (400) rather than clamped, so a client bug shows up at once.
+SEED_MAX_NEW_TOKENS = 512            # the tutorial's api.py: model.generate(..., max_new_tokens=512)
+COMPLETION_DEFAULT_MAX_TOKENS = 16   # OpenAI's default for /v1/completions
+CHAT_DEFAULT_MAX_TOKENS = 4096       # OpenAI has none; a state-space model has no context end to stop at
+MAX_N = 128                          # choices per request (OpenAI's limit)
+SEED_SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+def _strict(default=None, **kw):
+    return Field(default, strict=True, **kw)
+
+
+def _number(default=None, **kw):
+    return Field(default, strict=True, allow_inf_nan=False, **kw)
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Request):
+    include_usage: bool = _strict(False)
+
+
+class SamplingFields(_Request):
+    """Decoding options shared by /v1/chat/completions and /v1/completions."""
+
+    model: str | None = _strict(None, description="the served model name (see GET /v1/models); "
+                                                  "omitted: the served model")
+    temperature: float | None = _number(None, ge=0, description="0: greedy; default 1")
+    top_p: float | None = _number(None, gt=0, le=1)
+    n: int = _strict(1, ge=1, le=MAX_N)
+    stop: StrictStr | list[StrictStr] | None = Field(None, description="up to 16 strings that end generation")
+    seed: int | None = _strict(None, ge=-(2 ** 63), lt=2 ** 64)
+    presence_penalty: float | None = _number(None, ge=-2, le=2)
+    frequency_penalty: float | None = _number(None, ge=-2, le=2)
+    stream: bool = _strict(False)
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    logit_bias: dict[str, Any] | None = Field(None, description="not supported: refused when non-empty")
+    # extras (vLLM's names)
+    top_k: int | None = _strict(None, ge=-1, description="0 or -1: off")
+    min_p: float | None = _number(None, ge=0, le=1)
+    repetition_penalty: float | None = _number(None, gt=0, description="HF style; 1: off")
+    stop_token_ids: list[int] | None = _strict(None, description="token ids that end generation")
+    ignore_eos: bool = _strict(False)
+    skip_special_tokens: bool = _strict(True)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        if v is None:
+            return []
+        stops = [v] if isinstance(v, str) else v
+        if len(stops) > 16:
+            raise ValueError(f"at most 16 stop strings, got {len(stops)}")
+        if any(s == "" for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return stops
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_ids(cls, v):
+        if v is not None and any(t < 0 for t in v):
+            raise ValueError("token ids must be >= 0")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v):
+        if v:
+            raise ValueError("logit_bias is not supported by this server")
+        return v
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: StrictStr | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, v):
+        """Content parts are joined with newlines (as the tokenizer's chat template does);
+        only text parts are accepted."""
+        if isinstance(v, list):
+            texts = []
+            for i, part in enumerate(v):
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise ValueError(f"content part {i} has type {part.get('type')!r}: only "
+                                     f"{{'type': 'text', 'text': ...}} parts are supported")
+                texts.append(part["text"])
+            return "\n".join(texts)
+        return v
+
+    def as_template_message(self) -> dict[str, str]:
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": self.content or ""}
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: int | None = _strict(None, ge=1, le=MAX_TOKENS_CAP)
+    max_completion_tokens: int | None = _strict(None, ge=1, le=MAX_TOKENS_CAP)
+    logprobs: bool = _strict(False)
+    top_logprobs: int | None = _strict(None, ge=0, le=MAX_LOGPROBS)
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    add_generation_prompt: bool = _strict(True)
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, v):
+        if v is not None and v.get("type", "text") != "text":
+            raise ValueError(f"response_format type {v.get('type')!r} is not supported; only 'text'")
+        return v
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, v):
+        if v:
+            raise ValueError("tool calling is not supported by this server")
+        return v
+
+    @model_validator(mode="after")
+    def _top_logprobs_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Any = Field(..., description="a string, a list of strings, a list of token ids, "
+                                         "or a list of token-id lists")
+    max_tokens: int = _strict(COMPLETION_DEFAULT_MAX_TOKENS, ge=0, le=MAX_TOKENS_CAP,
+                              description="0 with echo and logprobs: score the prompt only")
+    echo: bool = _strict(False)
+    logprobs: int | None = _strict(None, ge=0, le=MAX_LOGPROBS)
+    suffix: str | None = None
+    best_of: int | None = _strict(None, ge=1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        """Normalize to a list of prompts, each a str or a list of token ids."""
+        what = "prompt must be a string, a list of strings, a list of token ids, or a list of token-id lists"
+        if isinstance(v, str):
+            return [v]
+        if not isinstance(v, list) or not v:
+            raise ValueError(f"{what}; got {'an empty list' if v == [] else type(v).__name__}")
+
+        def is_id(x):
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        if all(is_id(x) for x in v):
+            return [v]
+        if all(isinstance(x, str) for x in v):
+            return list(v)
+        if all(isinstance(x, list) and all(is_id(t) for t in x) for x in v):
+            return list(v)
+        raise ValueError(what)
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, v):
+        if v:
+            raise ValueError("suffix (insertion) is not supported by this server")
+        return v
+
+    @model_validator(mode="after")
+    def _best_of(self):
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of other than n is not supported")
+        return self
+
+
+class SeedRequest(_Request):
+    """POST / (the tutorial's api.py): {"prompt": "你好"} plus optional extras."""
+
+    prompt: str = _strict(..., min_length=1)
+    history: list[Any] | None = Field(
+        None, description="earlier turns: [[user, assistant], ...] or [{'role', 'content'}, ...]")
+    max_new_tokens: int = _strict(SEED_MAX_NEW_TOKENS, ge=1, le=MAX_TOKENS_CAP)
+    temperature: float = _number(0.0, ge=0, description="default 0: greedy, like the tutorial's model.generate")
+    top_p: float = _number(1.0, gt=0, le=1)
+
+    @field_validator("history")
+    @classmethod
+    def _history(cls, v):
+        """Normalize to a list of {'role', 'content'} messages."""
+        if v is None:
+            return []
+        out: list[dict[str, str]] = []
+        for i, turn in enumerate(v):
+            if isinstance(turn, (list, tuple)):
+                if len(turn) != 2 or not all(isinstance(x, str) for x in turn):
+                    raise ValueError(f"turn {i} must be a [user, assistant] pair of strings")
+                out.append({"role": "user", "content": turn[0]})
+                out.append({"role": "assistant", "content": turn[1]})
+            elif isinstance(turn, dict):
+                role, content = turn.get("role"), turn.get("content")
+                if role not in ("system", "user", "assistant") or not isinstance(content, str):
+                    raise ValueError(f"turn {i} must be {{'role': 'system'|'user'|'assistant', "
+                                     f"'content': str}}")
+                out.append({"role": role, "content": content})
+            else:
+                raise ValueError(f"turn {i} must be a [user, assistant] pair or a {{role, content}} message")
+        return out
+
+    def messages(self) -> list[dict[str, str]]:
+        history = list(self.history or [])
+        system = [] if history and history[0]["role"] == "system" else \
+            [{"role": "system", "content": SEED_SYSTEM_PROMPT}]
+        return system + history + [{"role": "user", "content": self.prompt}]
+
+
+class TokenizeRequest(_Request):
+    model: str | None = _strict(None)
+    prompt: str | None = _strict(None)
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = _strict(True)
+    add_generation_prompt: bool = _strict(True)
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' (a string) or 'messages' (a chat)")
+        return self
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = _strict(None)
+    tokens: list[int] = _strict(...)
+
+
+# ---- responses --------------------------------------------------------------------------------
+
+class SeedResponse(BaseModel):
+    response: str
+    status: int = 200
+    time: str = Field(..., description="local time, 'YYYY-MM-DD HH:MM:SS'")
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: UsageInfo | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "tnl"
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

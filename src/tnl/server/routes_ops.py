@@ -1,0 +1,63 @@
+"""Operations: /health, /metrics, /tokenize, /detokenize."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from tnl.server.errors import APIError
+from tnl.server.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from tnl.server.serving import ServerState
+
+router = APIRouter(tags=["operations"])
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.tnl
+
+
+@router.get("/health", responses={503: {"description": "loading, failed to load, or shutting down"}})
+async def health(request: Request):
+    """200 once the model is loaded and the engine runs; 503 before (and after a load failure)."""
+    state = get_state(request)
+    if state.load_error is not None:
+        return JSONResponse({"status": "error", "message": state.load_error}, status_code=503)
+    if state.shutting_down:
+        return JSONResponse({"status": "shutting_down"}, status_code=503)
+    if not state.ready:
+        return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
+    error = getattr(state.engine, "error", None)
+    if error is not None:
+        return JSONResponse({"status": "error", "message": f"engine stopped: {error}"}, status_code=503)
+    return {"status": "ok", "model": state.model_name}
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request):
+    """Prometheus text format."""
+    return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.post("/tokenize", response_model=TokenizeResponse)
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+    """{"prompt": str} or {"messages": [...]} (through the chat template) -> token ids."""
+    state = get_state(request)
+    state.check_model(body.model)
+    if body.messages is not None:
+        ids = state.encode_chat([m.as_template_message() for m in body.messages], "messages",
+                                body.add_generation_prompt)
+    else:
+        ids = state.tokenizer("prompt").encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    return TokenizeResponse(tokens=ids, count=len(ids))
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse)
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    state = get_state(request)
+    state.check_model(body.model)
+    tok = state.tokenizer("tokens")
+    V = min(state.vocab_size, tok.vocab_size)
+    for i, t in enumerate(body.tokens):
+        if not 0 <= t < V:
+            raise APIError(f"tokens: token id {t} at position {i} is outside the vocabulary [0, {V})", 400, "tokens")
+    return DetokenizeResponse(prompt=tok.decode(body.tokens))

@@ -1,0 +1,310 @@
+"""What every generating route shares: the server's state, prompt checks, and `Generation`,
+which runs the engine requests of one HTTP request and merges their output streams.
+
+The server never touches tensors: it turns JSON into token ids and SamplingParams, and engine
+deltas back into JSON.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from tnl.engine import QueueFullError, RequestOutput, SamplingParams
+from tnl.server.config import ServerConfig
+from tnl.server.errors import APIError
+from tnl.server.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+RETRY_AFTER_S = 1  # Retry-After on 429: a slot frees within a few decode steps of most requests
+
+
+class ClientDisconnected(APIError):
+    """The client went away before its answer was ready (logged as 499, as nginx does)."""
+
+    def __init__(self):
+        super().__init__("client disconnected", 499)
+
+
+@dataclass
+class ServerState:
+    """Shared by all routes of one app (app.state.tnl)."""
+
+    config: ServerConfig
+    metrics: ServerMetrics
+    engine: object | None = None           # tnl.engine.AsyncEngine once loaded
+    load_error: str | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+    shutting_down: bool = False
+
+    @property
+    def model_name(self) -> str:
+        return self.config.model_name
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and bool(getattr(self.engine, "ready", False)) and not self.shutting_down
+
+    def require_engine(self):
+        if self.load_error is not None:
+            raise APIError(f"the model failed to load: {self.load_error}", 503)
+        if not self.ready:
+            raise APIError("the model is still loading; retry when GET /health answers 200", 503,
+                           headers={"Retry-After": "5"})
+        return self.engine
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_name:
+            raise APIError(f"the model '{name}' does not exist; this server serves '{self.model_name}' "
+                           f"(see GET /v1/models)", 404, "model")
+
+    def tokenizer(self, param: str):
+        tok = self.require_engine().tokenizer
+        if tok is None:
+            raise APIError("this model has no tokenizer (no tokenizer.model in the checkpoint): send token "
+                           "ids to /v1/completions instead of text", 400, param)
+        return tok
+
+    @property
+    def vocab_size(self) -> int:
+        return self.require_engine().model_config.vocab_size
+
+    def encode_text(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+        if text == "":
+            raise APIError(f"{param} is empty", 400, param)
+        return self.tokenizer(param).encode(text, add_special_tokens=add_special_tokens)
+
+    def encode_chat(self, messages: list[dict[str, str]], param: str,
+                    add_generation_prompt: bool = True) -> list[int]:
+        """Chat template -> ids, exactly as the offline `LLM.chat` does (a BOS is added unless
+        the template already starts with one)."""
+        tok = self.tokenizer(param)
+        try:
+            return tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+        except ValueError as e:  # the template's raise_exception(), or a message it cannot render
+            raise APIError(f"{param}: {e}", 400, param) from None
+
+    def check_prompt_ids(self, ids: list[int], param: str) -> None:
+        if not ids:
+            raise APIError(f"{param} is empty: give at least one token", 400, param)
+        V = self.vocab_size
+        for i, t in enumerate(ids):
+            if not 0 <= t < V:
+                raise APIError(f"{param}: token id {t} at position {i} is outside the vocabulary [0, {V})",
+                               400, param)
+        limit = self.require_engine().engine_config.max_prompt_tokens
+        if limit is not None and len(ids) > limit:
+            raise APIError(f"{param} has {len(ids)} tokens, more than this server's limit of {limit} "
+                           f"(--max-prompt-tokens)", 400, param)
+
+    def check_token_ids(self, ids: list[int] | None, param: str) -> None:
+        V = self.vocab_size
+        for t in ids or ():
+            if not 0 <= t < V:
+                raise APIError(f"{param}: token id {t} is outside the vocabulary [0, {V})", 400, param)
+
+    def token_text(self, token_id: int) -> str:
+        """A token as logprob displays show it; "token_id:N" when the model has no tokenizer."""
+        tok = self.engine.tokenizer
+        if tok is None or not 0 <= token_id < tok.vocab_size:  # the model's vocab may be the larger
+            return f"token_id:{token_id}"
+        return tok.token_text(token_id)
+
+    def token_bytes(self, token_id: int) -> list[int]:
+        """The UTF-8 bytes a token stands for (one raw byte for a byte-fallback piece)."""
+        tok = self.engine.tokenizer
+        if tok is None or not 0 <= token_id < tok.vocab_size:
+            return list(self.token_text(token_id).encode())
+        m = _BYTE_PIECE.fullmatch(tok.id_to_piece(token_id))
+        return [int(m.group(1), 16)] if m else list(tok.token_text(token_id).encode())
+
+
+def sampling_params(param_fields: dict) -> SamplingParams:
+    """SamplingParams, with the engine's ValueError turned into a 400 naming the field."""
+    try:
+        return SamplingParams(**param_fields)
+    except ValueError as e:
+        m = re.search(r"SamplingParams\.(\w+)", str(e))
+        raise APIError(str(e).replace("SamplingParams.", ""), 400, m.group(1) if m else None) from None
+
+
+def _param_of(message: str) -> str | None:
+    if message.startswith("prompt"):
+        return "prompt"
+    m = re.match(r"(\w+) ", message)
+    return m.group(1) if m and m.group(1) in ("stop_token_ids", "seed", "max_tokens") else None
+
+
+_DISCONNECTED = object()
+
+
+class Generation:
+    """The engine requests of one HTTP request (n samples of each prompt), as one stream.
+
+    `await start()` submits them all and waits until every one has produced its first output,
+    so a refusal (queue full, bad prompt) becomes an HTTP error before any byte of the answer
+    is sent. Iterating yields (choice index, RequestOutput delta) in arrival order. `close()`
+    aborts whatever has not finished (idempotent, never awaits: it runs inside cancelled tasks).
+    """
+
+    def __init__(self, state: ServerState, request: Request, jobs: list[tuple[list[int], SamplingParams]],
+                 request_id: str):
+        self.state = state
+        self.engine = state.require_engine()
+        self.request = request
+        self.request_id = request_id
+        self.jobs = jobs
+        self.metrics = state.metrics
+        self.prompt_tokens = [len(ids) for ids, _ in jobs]
+        self.generated = [0] * len(jobs)
+        self.finished = [False] * len(jobs)
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._tasks: list[asyncio.Task] = []
+        self._watcher: asyncio.Task | None = None
+        self._buffer: list[tuple[int, RequestOutput]] = []
+        self._last_time = [0.0] * len(jobs)
+        self._closed = False
+        self._scope_state = request.scope.setdefault("state", {})
+        self._scope_state["tokens_in"] = sum(self.prompt_tokens)
+        self._scope_state["tokens_out"] = 0
+
+    def engine_id(self, k: int) -> str:
+        return f"{self.request_id}-{k}"
+
+    async def _pump(self, k: int, ids: list[int], params: SamplingParams) -> None:
+        try:
+            async for out in self.engine.generate(ids, params, self.engine_id(k)):
+                self._queue.put_nowait((k, out))
+        except Exception as e:  # refusals and engine failures travel to the consumer
+            self._queue.put_nowait((k, e))
+
+    async def _watch_disconnect(self) -> None:
+        receive = self.request.receive
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                log.info("request %s: client disconnected, aborting", self.request_id)
+                self.close()
+                self._queue.put_nowait((None, _DISCONNECTED))
+                return
+
+    async def start(self, watch_disconnect: bool = True) -> None:
+        self._tasks = [asyncio.create_task(self._pump(k, ids, p)) for k, (ids, p) in enumerate(self.jobs)]
+        if watch_disconnect:
+            self._watcher = asyncio.create_task(self._watch_disconnect())
+        waiting = set(range(len(self.jobs)))
+        try:
+            while waiting:
+                k, item = await self._queue.get()
+                self._check(item)
+                waiting.discard(k)
+                self._buffer.append((k, item))
+        except BaseException:
+            self.close()
+            raise
+
+    def stop_watching(self) -> None:
+        """Streaming: once the response starts, Starlette watches for the disconnect instead."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+
+    def _check(self, item) -> None:
+        if item is _DISCONNECTED:
+            raise ClientDisconnected()
+        if isinstance(item, QueueFullError):
+            raise APIError(f"the server is busy: {item}", 429, headers={"Retry-After": str(RETRY_AFTER_S)})
+        if isinstance(item, ValueError):
+            raise APIError(str(item), 400, _param_of(str(item)))
+        if isinstance(item, BaseException):
+            raise item
+
+    def _observe(self, k: int, out: RequestOutput) -> None:
+        now = time.monotonic()
+        new = len(out.outputs[0].token_ids) if out.outputs else 0
+        m = out.metrics
+        if self.generated[k] == 0 and new:
+            if m is not None and m.first_token_time is not None:
+                self.metrics.ttft.observe(max(0.0, m.first_token_time - m.arrival_time))
+            if m is not None and m.first_scheduled_time is not None:
+                self.metrics.queue_time.observe(max(0.0, m.first_scheduled_time - m.arrival_time))
+        elif new:
+            gap = (now - self._last_time[k]) / new
+            for _ in range(new):
+                self.metrics.itl.observe(gap)
+        if new:
+            self._last_time[k] = now
+            self.generated[k] += new
+            self.metrics.generation_tokens.inc(new)
+            self._scope_state["tokens_out"] = sum(self.generated)
+        if out.finished and not self.finished[k]:
+            self.finished[k] = True
+            self.metrics.prompt_tokens.inc(self.prompt_tokens[k])
+            if self.generated[k] == 0 and m is not None and m.first_scheduled_time is not None:
+                self.metrics.queue_time.observe(max(0.0, m.first_scheduled_time - m.arrival_time))
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(choice index, delta) until every request has finished; closes on the way out."""
+        try:
+            remaining = self.finished.count(False)
+            while self._buffer:
+                k, out = self._buffer.pop(0)
+                self._observe(k, out)
+                remaining -= out.finished
+                yield k, out
+            while remaining > 0:
+                k, out = await self._queue.get()
+                self._check(out)
+                self._observe(k, out)
+                remaining -= out.finished
+                yield k, out
+            start = self._scope_state.get("start_time")
+            if start is not None:
+                self.metrics.e2e.observe(time.monotonic() - start)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for k, done in enumerate(self.finished):
+            if not done:
+                self.engine.abort(self.engine_id(k))
+                self._scope_state["aborted"] = True
+        for task in self._tasks:
+            task.cancel()
+        if self._watcher is not None and self._watcher is not asyncio.current_task():
+            self._watcher.cancel()
+        self._watcher = None
+
+
+class EventStream(StreamingResponse):
+    """An SSE response that aborts its generation however the response ends.
+
+    Starlette cancels a stream when the client disconnects; if that happens while a chunk is
+    being sent rather than while the body iterator awaits the engine, the iterator is left
+    suspended and its `finally` would only run when garbage-collected. Closing here frees the
+    engine slot at once.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content, generation: Generation):
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.generation = generation
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.generation.close()
