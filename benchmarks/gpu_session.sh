@@ -44,6 +44,8 @@ PY
     python3 benchmarks/serve_load.py --url http://127.0.0.1:8123 --concurrency 64 --requests 128 \
       --prompt-len 128 --output-len 128 --json "$OUT/serve_load.json" 2>&1 | tee "$OUT/serve_load.txt"
     kill -TERM $SP; wait $SP; echo "server exit $?" | tee -a "$OUT/load.txt" ;;
+  profile)
+    python3 benchmarks/profile_decode.py --batch-sizes 1 64 2>&1 | grep -v INFO | tee "$OUT/profile.txt" ;;
   demo)
     python3 demo/train.py --device cuda 2>&1 | tee "$OUT/demo_train.txt" | tail -30
     mkdir -p "$OUT/demo" && cp src/tnl/demo/* "$OUT/demo/" ;;

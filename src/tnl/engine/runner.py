@@ -72,6 +72,8 @@ class ModelRunner:
         self._ids = torch.zeros(max_bs, dtype=torch.long, device=dev)
         self._pos = torch.zeros(max_bs, dtype=torch.long, device=dev)
         self._slots = torch.full((max_bs,), self.pool.scratch, dtype=torch.long, device=dev)
+        self._host = torch.zeros(3, max_bs, dtype=torch.long).pin_memory()   # staged ids / positions / slots
+        self._host_np = self._host.numpy()
         self._out: dict[int, torch.Tensor] = {}
         mempool = torch.cuda.graph_pool_handle()
         sizes = graph_batch_sizes(max_bs)
@@ -94,13 +96,17 @@ class ModelRunner:
     def _replay(self, decode: list[Request]) -> torch.Tensor:
         n = len(decode)
         bs = next(b for b in sorted(self.graphs) if b >= n)
-        ids = [r.last_token() for r in decode] + [0] * (bs - n)
-        pos = [r.num_tokens - 1 for r in decode] + [0] * (bs - n)
-        slots = [r.slot for r in decode] + [self.pool.scratch] * (bs - n)
-        host = torch.tensor([ids, pos, slots], dtype=torch.long).pin_memory()
-        self._ids[:bs].copy_(host[0], non_blocking=True)
-        self._pos[:bs].copy_(host[1], non_blocking=True)
-        self._slots[:bs].copy_(host[2], non_blocking=True)
+        h = self._host_np
+        h[0, :n] = [r.last_token() for r in decode]
+        h[1, :n] = [r.num_tokens - 1 for r in decode]
+        h[2, :n] = [r.slot for r in decode]
+        h[0:2, n:bs] = 0
+        h[2, n:bs] = self.pool.scratch
+        # the previous step's copies finished before its tokens reached the host, so the
+        # staging buffer is free to overwrite
+        self._ids[:bs].copy_(self._host[0, :bs], non_blocking=True)
+        self._pos[:bs].copy_(self._host[1, :bs], non_blocking=True)
+        self._slots[:bs].copy_(self._host[2, :bs], non_blocking=True)
         self.graphs[bs].replay()
         return self._out[bs][:n]
 

@@ -58,7 +58,8 @@ def sample(logits: torch.Tensor, reqs: list[Request]) -> SampleResult:
     """logits [N, V] float32, one row per request (its next-token distribution)."""
     N, V = logits.shape
     dev = logits.device
-    raw_logprobs = torch.log_softmax(logits, dim=-1)
+    lse = torch.logsumexp(logits, dim=-1)          # raw distribution, before penalties
+    raw = logits.clone() if any(r.params.needs_penalties for r in reqs) else logits
     for i, r in enumerate(reqs):
         if r.params.needs_penalties:
             apply_penalties(logits[i], r)
@@ -90,13 +91,13 @@ def sample(logits: torch.Tensor, reqs: list[Request]) -> SampleResult:
         sampled = (probs / noise).argmax(dim=-1)
         chosen = torch.where(greedy, chosen, sampled)
 
-    chosen_lp = raw_logprobs.gather(1, chosen.view(-1, 1)).squeeze(1)
+    chosen_lp = raw.gather(1, chosen.view(-1, 1)).squeeze(1) - lse
     want = [r.params.logprobs for r in reqs]
     lps: list[dict[int, float] | None] = [None] * N
     rows = [i for i, k in enumerate(want) if k is not None]
     if rows:
         idx = torch.tensor(rows, device=dev)
         ks = torch.tensor([want[i] for i in rows], device=dev)
-        for i, d in zip(rows, top_logprobs(raw_logprobs[idx], chosen[idx], ks)):
+        for i, d in zip(rows, top_logprobs(torch.log_softmax(raw[idx], dim=-1), chosen[idx], ks)):
             lps[i] = d
     return SampleResult(chosen.tolist(), lps, chosen_lp.tolist())

@@ -62,6 +62,16 @@ def rms_norm(x: torch.Tensor, gate: torch.Tensor | None = None, eps: float = 1e-
     return y if gate is None else gate * y
 
 
+def add_rms_norm(residual: torch.Tensor, x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """residual += x (in place), then return srms(residual): one pass on CUDA."""
+    if x.is_cuda:
+        _load_cuda_kernels()
+        if _triton_norm is not None:
+            return _triton_norm(x, None, eps, residual=residual)
+    residual += x
+    return rms_norm(residual, eps=eps)
+
+
 def decode_attention(q, k, v, decay, pool, slots, theta=None, positions=None):
     """One token per sequence from RAW projections: the feature map (silu, LRPE when theta is
     given) is applied here, fused into the kernel on CUDA.

@@ -80,12 +80,18 @@ def recurrent_step_triton(q, k, v, decay, pool, slots, features: bool = False, t
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, g_ptr, y_ptr, stride_x, stride_g, stride_y, N, eps,
-                     HAS_GATE: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, g_ptr, y_ptr, r_ptr, stride_x, stride_g, stride_y, stride_r, N, eps,
+                     HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     m = cols < N
-    x = tl.load(x_ptr + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=m, other=0.0)
+    if HAS_RESIDUAL:
+        # r <- r + x (rounded to r's dtype, as a torch add would), then normalise the sum
+        x = (tl.load(r_ptr + row * stride_r + cols, mask=m, other=0.0).to(tl.float32) + x.to(tl.float32))
+        x = x.to(r_ptr.dtype.element_ty)
+        tl.store(r_ptr + row * stride_r + cols, x, mask=m)
+    x = x.to(tl.float32)
     rms = tl.sqrt(tl.sum(x * x, axis=0)) / tl.sqrt(N.to(tl.float32))
     y = x / (rms + eps)
     y = y.to(y_ptr.dtype.element_ty)
@@ -95,8 +101,10 @@ def _rms_norm_kernel(x_ptr, g_ptr, y_ptr, stride_x, stride_g, stride_y, N, eps,
     tl.store(y_ptr + row * stride_y + cols, y, mask=m)
 
 
-def rms_norm(x: torch.Tensor, gate: torch.Tensor | None = None, eps: float = 1e-8) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, gate: torch.Tensor | None = None, eps: float = 1e-8,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
     """srms over the last dim of a 2-D tensor, optionally times `gate` (same shape): one pass.
+    With `residual`, first residual += x in place and normalise the sum.
     Rounds like the torch path: normalise in float32, cast, then gate in the input dtype."""
     assert x.dim() == 2 and x.stride(-1) == 1
     n_rows, N = x.shape
@@ -104,8 +112,10 @@ def rms_norm(x: torch.Tensor, gate: torch.Tensor | None = None, eps: float = 1e-
     if n_rows == 0:
         return y
     g = gate if gate is not None else x
-    assert g.stride(-1) == 1
+    r = residual if residual is not None else x
+    assert g.stride(-1) == 1 and r.stride(-1) == 1
     BLOCK = triton.next_power_of_2(N)
-    _rms_norm_kernel[(n_rows,)](x, g, y, x.stride(0), g.stride(0), y.stride(0), N, eps,
-                                HAS_GATE=gate is not None, BLOCK=BLOCK, num_warps=8 if BLOCK >= 4096 else 4)
+    _rms_norm_kernel[(n_rows,)](x, g, y, r, x.stride(0), g.stride(0), y.stride(0), r.stride(0), N, eps,
+                                HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None, BLOCK=BLOCK,
+                                num_warps=8 if BLOCK >= 4096 else 4)
     return y

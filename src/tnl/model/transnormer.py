@@ -159,9 +159,11 @@ class DecoderLayer(nn.Module):
         self.token_mixer = NormLinearAttention(cfg, layer)
         self.channel_mixer = SGLU(cfg)
 
-    def forward(self, x: torch.Tensor, batch: AttnBatch, pool: torch.Tensor) -> torch.Tensor:
-        x = x + self.token_mixer(kernels.rms_norm(x), batch, pool)
-        return x + self.channel_mixer(kernels.rms_norm(x))
+    def forward(self, x: torch.Tensor, h: torch.Tensor, batch: AttnBatch, pool: torch.Tensor) -> torch.Tensor:
+        """x: the residual stream [T, d], updated in place; h = srms(x). Returns srms of the new x
+        (the next layer's input), so each residual add is fused with the norm after it."""
+        h = kernels.add_rms_norm(x, self.token_mixer(h, batch, pool))
+        return kernels.add_rms_norm(x, self.channel_mixer(h))
 
 
 class TransnormerModel(nn.Module):
@@ -212,12 +214,11 @@ class TransnormerForCausalLM(nn.Module):
     # ---- inference ------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, batch: AttnBatch, pools: list[torch.Tensor]) -> torch.Tensor:
         """Packed tokens [T] -> final-normed hidden states [T, d]. Updates the states in `pools`."""
-        x = self.model.embed_tokens(input_ids)
-        if self.model.embed_scale != 1.0:
-            x = x * self.model.embed_scale
+        x = self.model.embed_tokens(input_ids) * self.model.embed_scale   # a fresh tensor: updated in place
+        h = kernels.rms_norm(x)
         for layer, pool in zip(self.model.layers, pools):
-            x = layer(x, batch, pool)
-        return kernels.rms_norm(x)
+            h = layer(x, h, batch, pool)
+        return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, d] normed hidden states -> [N, V] float32 logits."""
