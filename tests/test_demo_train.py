@@ -178,3 +178,26 @@ def test_loss_went_down_and_metrics_recorded(trained):
     ppl = m["perplexity"]
     assert ppl["model"] > 1 and ppl["unigram"] > 1
     assert m["run"]["steps"] == 40 and set(m["chat"]) == {"你好", "Tell me something", "早安", "Tell me something nice"}
+
+
+def test_engine_tokenizer_reads_the_demo_files_as_training_did(trained):
+    """tnl's own tokenizer, reading the shipped files, builds the same prompt ids that training
+    used for the same chat, decodes the answer back, and stops on </s> and <|im_end|>."""
+    from tnl.engine.engine import generation_stop_ids
+    from tnl.model.tokenizer import Tokenizer
+
+    out, data = trained["out"], trained["data"]
+    train = load_demo_module("train")
+    tok = Tokenizer.from_dir(str(out))
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    assert generation_stop_ids(str(out)) == {2, sp.piece_to_id("<|im_end|>")}
+    with open(data / "chat_train.jsonl", encoding="utf-8") as f:
+        pairs = [json.loads(line) for line in f]
+    for p in pairs:
+        msgs = train.chat_messages(p["prompt"], p.get("system"))
+        prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        trained_ids = [sp.bos_id()] + sp.encode(train.chat_text(p)) + [sp.eos_id()]
+        assert trained_ids[: len(prompt)] == prompt
+        # the answer, then <|im_end|>, the template's "\n" and </s>
+        assert trained_ids[-3:] == [sp.piece_to_id("<|im_end|>"), sp.piece_to_id("<0x0A>"), sp.eos_id()]
+        assert tok.decode(trained_ids[len(prompt): -3]) == p["answer"]
