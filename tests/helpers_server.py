@@ -51,7 +51,8 @@ class ServerProcess:
 
     def start(self, timeout: float = STARTUP_TIMEOUT_S) -> "ServerProcess":
         self._log = open(self.log_path, "w")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # one intra-op thread: tiny matmuls gain nothing from more, and CI cores are shared
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
         self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         self.wait_healthy(timeout)
         return self
@@ -81,9 +82,6 @@ class ServerProcess:
         if m is None:
             raise KeyError(f"{name} not in /metrics:\n{text}")
         return float(m.group(1))
-
-    def terminate(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
 
     def stop(self) -> int | None:
         if self.proc is None:

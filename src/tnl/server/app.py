@@ -67,18 +67,24 @@ class APIKeyMiddleware:
         await response(scope, receive, send)
 
 
-def route_label(scope: Scope) -> str:
-    """A bounded label for metrics: the matched route's path, never the raw URL."""
-    route = scope.get("route")
-    path = getattr(route, "path", None)
-    return path if path is not None else "unmatched"
+def route_label(scope: Scope, known_paths: frozenset[str]) -> str:
+    """A bounded label for metrics: the route's path, never a raw URL. Requests that ended
+    before routing (a 401 from the API-key check) are labelled by their path when it is one of
+    ours (no route of this app has path parameters)."""
+    path = getattr(scope.get("route"), "path", None)
+    if path is not None:
+        return path
+    if scope["path"] in known_paths:
+        return scope["path"]
+    return "/static" if scope["path"].startswith("/static/") else "unmatched"
 
 
 class AccessLogMiddleware:
-    def __init__(self, app: ASGIApp, metrics: ServerMetrics, log_prompts: bool):
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics, log_prompts: bool, known_paths: frozenset[str]):
         self.app = app
         self.metrics = metrics
         self.log_prompts = log_prompts
+        self.known_paths = known_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -109,7 +115,7 @@ class AccessLogMiddleware:
             self._record(scope, state, rid, status[0])
 
     def _record(self, scope: Scope, state: dict, rid: str, status: int | None) -> None:
-        route = route_label(scope)
+        route = route_label(scope, self.known_paths)
         code = str(status or 499)  # no response started: the client left first
         self.metrics.requests.labels(route, code).inc()
         ms = (time.monotonic() - state["start_time"]) * 1000
@@ -172,14 +178,17 @@ def build_app(engine, server_config: ServerConfig, *, load_engine: Callable[[], 
                               "API under /v1, and operations routes.")
     app.state.tnl = state
     install_error_handlers(app)
-    app.include_router(routes_seed.router)
-    app.include_router(routes_openai.router)
-    app.include_router(routes_ops.router)
+    routers = (routes_seed.router, routes_openai.router, routes_ops.router)
+    for router in routers:
+        app.include_router(router)
+    known_paths = frozenset({route.path for router in routers for route in router.routes}
+                            | {app.docs_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url})
     app.mount("/static", StaticFiles(directory=routes_seed.STATIC_DIR, check_dir=False), name="static")
     if server_config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=server_config.api_key)
     if server_config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(server_config.cors_origins),
                            allow_methods=["*"], allow_headers=["*"], expose_headers=["x-request-id"])
-    app.add_middleware(AccessLogMiddleware, metrics=metrics, log_prompts=server_config.log_prompts)
+    app.add_middleware(AccessLogMiddleware, metrics=metrics, log_prompts=server_config.log_prompts,
+                       known_paths=known_paths)
     return app

@@ -29,6 +29,7 @@ class ServerConfig:
     """
 
     model: str | None = None
+    source: str = "modelscope"  # hub to download from when `model` is an id not in the cache
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     device: str = "auto"
@@ -71,9 +72,9 @@ class ServerConfig:
         """Build from the namespace of a parser that went through `add_server_args`; attributes
         the namespace lacks keep their defaults."""
         vals = {f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)}
-        origins = vals.get("cors_origins")
+        origins = vals.pop("cors_origins", None)
         if origins is not None:
-            vals["cors_origins"] = tuple(o for item in origins for o in item.split(",") if o.strip())
+            vals["cors_origins"] = tuple(o.strip() for item in origins for o in item.split(",") if o.strip())
         return cls(**vals)
 
 
@@ -108,7 +109,10 @@ def _seconds(text: str) -> float:
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the `tnl serve` flags to `parser` (its namespace then feeds ServerConfig.from_args)."""
+    """Add the `tnl serve` flags to `parser` (its namespace then feeds ServerConfig.from_args).
+
+    `--source` (which hub) is not among them: the CLI shares it with its other commands and
+    adds it itself; `python -m tnl.server` adds it too."""
     d = ServerConfig()
     parser.add_argument("--model", default=None,
                         help="checkpoint directory or hub id (default: the bundled demo model)")

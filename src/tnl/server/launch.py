@@ -18,10 +18,14 @@ log = logging.getLogger(__name__)
 
 
 def _configure_logging(level: str) -> None:
+    """Log to stderr at `level`; a caller that set up logging already (the CLI's -v) may keep a
+    more verbose level."""
     root = logging.getLogger()
+    wanted = logging.getLevelName(level.upper())
     if not root.handlers:
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    root.setLevel(level.upper())
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=wanted)
+    else:
+        root.setLevel(min(root.level, wanted))
 
 
 def serve(config: ServerConfig) -> int:
@@ -35,7 +39,7 @@ def serve(config: ServerConfig) -> int:
         log.info("loading %s on %s (%s)", config.model or "the bundled demo model", config.device, config.dtype)
         return AsyncEngine.from_pretrained(config.model, device=config.device, dtype=config.dtype,
                                            engine_config=config.engine_config(),
-                                           chat_template_file=config.chat_template)
+                                           chat_template_file=config.chat_template, source=config.source)
 
     server: uvicorn.Server | None = None
 

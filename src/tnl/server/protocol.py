@@ -148,7 +148,11 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: Any = Field(..., description="a string, a list of strings, a list of token ids, "
-                                         "or a list of token-id lists")
+                                         "or a list of token-id lists",
+                        json_schema_extra={"anyOf": [
+                            {"type": "string"}, {"type": "array", "items": {"type": "string"}},
+                            {"type": "array", "items": {"type": "integer"}},
+                            {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}}]})
     max_tokens: int = _strict(COMPLETION_DEFAULT_MAX_TOKENS, ge=0, le=MAX_TOKENS_CAP,
                               description="0 with echo and logprobs: score the prompt only")
     echo: bool = _strict(False)

@@ -73,6 +73,11 @@ def _params(body: SamplingFields, max_tokens: int, n_index: int, **extra) -> Sam
     return sampling_params(fields)
 
 
+def _usage(gen: Generation) -> UsageInfo:
+    prompt, completion = gen.num_prompt_tokens, gen.num_generated_tokens
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
 def _include_usage(body: SamplingFields) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
@@ -126,21 +131,23 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     state.check_token_ids(body.stop_token_ids, "stop_token_ids")
     max_tokens = body.max_completion_tokens or body.max_tokens or CHAT_DEFAULT_MAX_TOKENS
     top_k = (body.top_logprobs or 0) if body.logprobs else None
-    jobs = [(ids, _params(body, max_tokens, j, logprobs=top_k)) for j in range(body.n)]
+    samples = [_params(body, max_tokens, j, logprobs=top_k) for j in range(body.n)]
     if state.config.log_prompts:
         _remember(request, prompt=repr(messages))
     rid = request.state.request_id
-    gen = Generation(state, request, jobs, rid)
+    gen = Generation(state, request, [ids], samples, rid)
     await gen.start()
     created = int(time.time())
     model = state.model_name
     if body.stream:
         gen.stop_watching()
-        return EventStream(_chat_stream(state, request, gen, body, f"chatcmpl-{rid}", created, model), gen)
+        events = _chat_stream(state, request, gen, body, f"chatcmpl-{rid}", created, model)
+        return EventStream(_sse_stream(gen, events), gen)
 
-    texts = [[] for _ in jobs]
-    logprobs = [[] for _ in jobs]
-    finish = [None] * len(jobs)
+    n = len(gen.jobs)
+    texts = [[] for _ in range(n)]
+    logprobs = [[] for _ in range(n)]
+    finish = [None] * n
     async for k, out in gen.outputs():
         o = out.outputs[0]
         texts[k].append(o.text)
@@ -150,9 +157,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             finish[k] = o.finish_reason
     choices = [ChatChoice(index=k, message=AssistantMessage(content="".join(texts[k])),
                           logprobs=ChatLogprobs(content=logprobs[k]) if top_k is not None else None,
-                          finish_reason=finish[k]) for k in range(len(jobs))]
-    completion = sum(gen.generated)
-    usage = UsageInfo(prompt_tokens=len(ids), completion_tokens=completion, total_tokens=len(ids) + completion)
+                          finish_reason=finish[k]) for k in range(n)]
+    usage = _usage(gen)
     if state.config.log_prompts:
         _remember(request, response=repr([c.message.content for c in choices]))
     resp = ChatCompletionResponse(id=f"chatcmpl-{rid}", created=created, model=model, choices=choices,
@@ -183,23 +189,27 @@ async def _chat_stream(state: ServerState, request: Request, gen: Generation, bo
             yield chunk([ChatChunkChoice(index=k, delta=DeltaMessage(content=o.text) if o.text else DeltaMessage(),
                                          logprobs=lp, finish_reason=o.finish_reason if out.finished else None)])
         if include_usage:
-            prompt = gen.prompt_tokens[0]
-            completion = sum(gen.generated)
-            yield chunk([], UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
-                                      total_tokens=prompt + completion))
-        yield "data: [DONE]\n\n"
+            yield chunk([], _usage(gen))
+    finally:
+        if state.config.log_prompts:
+            _remember(request, response=repr(["".join(t) for t in texts]))
+
+
+async def _sse_stream(gen: Generation, events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Ends every stream with `data: [DONE]`; an error after the response has started (status
+    200 already sent) becomes an error event in OpenAI's shape before it."""
+    try:
+        async for event in events:
+            yield event
     except APIError as e:
         yield _sse(error_body(e.message, e.status, e.param))
-        yield "data: [DONE]\n\n"
     except Exception:
         log.exception("request %s: stream failed", gen.request_id)
         yield _sse(error_body(f"internal server error (request id {gen.request_id}); the details are in "
                               f"the server log", 500))
-        yield "data: [DONE]\n\n"
     finally:
         gen.close()
-        if state.config.log_prompts:
-            _remember(request, response=repr(["".join(t) for t in texts]))
+    yield "data: [DONE]\n\n"
 
 
 # ---- /v1/completions ---------------------------------------------------------------------------
@@ -281,8 +291,8 @@ async def completions(body: CompletionRequest, request: Request):
         prompts.append(ids)
     state.check_token_ids(body.stop_token_ids, "stop_token_ids")
     prompt_lp = body.logprobs if body.echo and body.logprobs is not None else None
-    jobs = [(ids, _params(body, body.max_tokens, j, logprobs=body.logprobs, prompt_logprobs=prompt_lp))
-            for ids in prompts for j in range(body.n)]
+    samples = [_params(body, body.max_tokens, j, logprobs=body.logprobs, prompt_logprobs=prompt_lp)
+               for j in range(body.n)]
     if body.echo:  # the prompt text that echo puts in front of the completion
         tok = state.require_engine().tokenizer
         prompt_texts = [t if t is not None else (tok.decode(ids, skip_special_tokens=False) if tok else "")
@@ -290,20 +300,20 @@ async def completions(body: CompletionRequest, request: Request):
     if state.config.log_prompts:
         _remember(request, prompt=repr([t if t is not None else ids for t, ids in zip(prompt_texts, prompts)]))
     rid = request.state.request_id
-    gen = Generation(state, request, jobs, rid)
+    gen = Generation(state, request, prompts, samples, rid)
     await gen.start()
     created = int(time.time())
     model = state.model_name
-    n_prompt = sum(len(ids) for ids in prompts)
     if body.stream:
         gen.stop_watching()
-        return EventStream(_completion_stream(state, request, gen, body, prompts, prompt_texts, n_prompt,
-                                              f"cmpl-{rid}", created, model), gen)
+        events = _completion_stream(state, request, gen, body, prompts, prompt_texts, f"cmpl-{rid}", created, model)
+        return EventStream(_sse_stream(gen, events), gen)
 
-    texts = [[] for _ in jobs]
-    lps: list[CompletionLogprobs | None] = [None] * len(jobs)
+    n = len(gen.jobs)
+    texts = [[] for _ in range(n)]
+    lps: list[CompletionLogprobs | None] = [None] * n
     choice_states = _choice_states(state, body, prompts, prompt_texts)
-    finish = [None] * len(jobs)
+    finish = [None] * n
     async for k, out in gen.outputs():
         piece, lp = choice_states[k].delta(out)
         texts[k].append(piece)
@@ -313,12 +323,10 @@ async def completions(body: CompletionRequest, request: Request):
     if body.logprobs is not None:
         lps = [lp or CompletionLogprobs() for lp in lps]
     choices = [CompletionChoice(index=k, text="".join(texts[k]), logprobs=lps[k], finish_reason=finish[k])
-               for k in range(len(jobs))]
-    completion = sum(gen.generated)
+               for k in range(n)]
     if state.config.log_prompts:
         _remember(request, response=repr([c.text for c in choices]))
-    usage = UsageInfo(prompt_tokens=n_prompt, completion_tokens=completion, total_tokens=n_prompt + completion)
-    resp = CompletionResponse(id=f"cmpl-{rid}", created=created, model=model, choices=choices, usage=usage)
+    resp = CompletionResponse(id=f"cmpl-{rid}", created=created, model=model, choices=choices, usage=_usage(gen))
     return JSONResponse(resp.model_dump())
 
 
@@ -329,8 +337,7 @@ def _choice_states(state, body, prompts, prompt_texts) -> list[_CompletionChoice
 
 
 async def _completion_stream(state: ServerState, request: Request, gen: Generation, body: CompletionRequest,
-                             prompts, prompt_texts, n_prompt: int, cid: str, created: int,
-                             model: str) -> AsyncIterator[str]:
+                             prompts, prompt_texts, cid: str, created: int, model: str) -> AsyncIterator[str]:
     include_usage = _include_usage(body)
     choice_states = _choice_states(state, body, prompts, prompt_texts)
     texts = [[] for _ in gen.jobs]
@@ -348,19 +355,7 @@ async def _completion_stream(state: ServerState, request: Request, gen: Generati
             yield chunk([CompletionChoice(index=k, text=text, logprobs=lp,
                                           finish_reason=out.outputs[0].finish_reason if out.finished else None)])
         if include_usage:
-            completion = sum(gen.generated)
-            yield chunk([], UsageInfo(prompt_tokens=n_prompt, completion_tokens=completion,
-                                      total_tokens=n_prompt + completion))
-        yield "data: [DONE]\n\n"
-    except APIError as e:
-        yield _sse(error_body(e.message, e.status, e.param))
-        yield "data: [DONE]\n\n"
-    except Exception:
-        log.exception("request %s: stream failed", gen.request_id)
-        yield _sse(error_body(f"internal server error (request id {gen.request_id}); the details are in "
-                              f"the server log", 500))
-        yield "data: [DONE]\n\n"
+            yield chunk([], _usage(gen))
     finally:
-        gen.close()
         if state.config.log_prompts:
             _remember(request, response=repr(["".join(t) for t in texts]))

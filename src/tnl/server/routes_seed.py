@@ -65,7 +65,7 @@ async def seed_generate(request: Request):
     ids = state.encode_chat(messages, "prompt")
     state.check_prompt_ids(ids, "prompt")
     params = sampling_params(dict(max_tokens=body.max_new_tokens, temperature=body.temperature, top_p=body.top_p))
-    gen = Generation(state, request, [(ids, params)], request.state.request_id)
+    gen = Generation(state, request, [ids], [params], request.state.request_id)
     await gen.start()
     parts = [out.outputs[0].text async for _, out in gen.outputs()]
     response = "".join(parts)

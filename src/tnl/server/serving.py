@@ -96,15 +96,15 @@ class ServerState:
     def check_prompt_ids(self, ids: list[int], param: str) -> None:
         if not ids:
             raise APIError(f"{param} is empty: give at least one token", 400, param)
+        limit = self.require_engine().engine_config.max_prompt_tokens
+        if limit is not None and len(ids) > limit:
+            raise APIError(f"{param} has {len(ids)} tokens, more than this server's limit of {limit} "
+                           f"(--max-prompt-tokens)", 400, param)
         V = self.vocab_size
         for i, t in enumerate(ids):
             if not 0 <= t < V:
                 raise APIError(f"{param}: token id {t} at position {i} is outside the vocabulary [0, {V})",
                                400, param)
-        limit = self.require_engine().engine_config.max_prompt_tokens
-        if limit is not None and len(ids) > limit:
-            raise APIError(f"{param} has {len(ids)} tokens, more than this server's limit of {limit} "
-                           f"(--max-prompt-tokens)", 400, param)
 
     def check_token_ids(self, ids: list[int] | None, param: str) -> None:
         V = self.vocab_size
@@ -150,32 +150,39 @@ _DISCONNECTED = object()
 class Generation:
     """The engine requests of one HTTP request (n samples of each prompt), as one stream.
 
-    `await start()` submits them all and waits until every one has produced its first output,
-    so a refusal (queue full, bad prompt) becomes an HTTP error before any byte of the answer
-    is sent. Iterating yields (choice index, RequestOutput delta) in arrival order. `close()`
-    aborts whatever has not finished (idempotent, never awaits: it runs inside cancelled tasks).
+    Choice k is sample k % n of prompt k // n. `await start()` submits them all and waits until
+    every one has produced its first output, so a refusal (queue full, bad prompt) becomes an
+    HTTP error before any byte of the answer is sent. `outputs()` yields (choice index,
+    RequestOutput delta) in arrival order. `close()` aborts whatever has not finished
+    (idempotent, and it never awaits, so it can run inside a cancelled task).
     """
 
-    def __init__(self, state: ServerState, request: Request, jobs: list[tuple[list[int], SamplingParams]],
-                 request_id: str):
+    def __init__(self, state: ServerState, request: Request, prompts: list[list[int]],
+                 samples: list[SamplingParams], request_id: str):
         self.state = state
         self.engine = state.require_engine()
         self.request = request
         self.request_id = request_id
-        self.jobs = jobs
+        self.jobs = [(ids, params) for ids in prompts for params in samples]
         self.metrics = state.metrics
-        self.prompt_tokens = [len(ids) for ids, _ in jobs]
-        self.generated = [0] * len(jobs)
-        self.finished = [False] * len(jobs)
+        self.num_prompt_tokens = sum(len(ids) for ids in prompts)  # usage counts each prompt once
+        self.prompt_tokens = [len(ids) for ids, _ in self.jobs]
+        self.generated = [0] * len(self.jobs)
+        self.finished = [False] * len(self.jobs)
         self._queue: asyncio.Queue = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
         self._watcher: asyncio.Task | None = None
         self._buffer: list[tuple[int, RequestOutput]] = []
-        self._last_time = [0.0] * len(jobs)
+        self._last_time = [0.0] * len(self.jobs)
+        self._started = False
         self._closed = False
         self._scope_state = request.scope.setdefault("state", {})
-        self._scope_state["tokens_in"] = sum(self.prompt_tokens)
+        self._scope_state["tokens_in"] = self.num_prompt_tokens
         self._scope_state["tokens_out"] = 0
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return sum(self.generated)
 
     def engine_id(self, k: int) -> str:
         return f"{self.request_id}-{k}"
@@ -211,6 +218,7 @@ class Generation:
         except BaseException:
             self.close()
             raise
+        self._started = True
 
     def stop_watching(self) -> None:
         """Streaming: once the response starts, Starlette watches for the disconnect instead."""
@@ -245,7 +253,7 @@ class Generation:
             self._last_time[k] = now
             self.generated[k] += new
             self.metrics.generation_tokens.inc(new)
-            self._scope_state["tokens_out"] = sum(self.generated)
+            self._scope_state["tokens_out"] = self.num_generated_tokens
         if out.finished and not self.finished[k]:
             self.finished[k] = True
             self.metrics.prompt_tokens.inc(self.prompt_tokens[k])
@@ -280,7 +288,8 @@ class Generation:
         for k, done in enumerate(self.finished):
             if not done:
                 self.engine.abort(self.engine_id(k))
-                self._scope_state["aborted"] = True
+                if self._started:  # (a refused request was never under way)
+                    self._scope_state["aborted"] = True
         for task in self._tasks:
             task.cancel()
         if self._watcher is not None and self._watcher is not asyncio.current_task():
