@@ -406,6 +406,13 @@ def test_prompt_limit_message_gives_both_numbers(server):
     assert str(MAX_PROMPT_TOKENS + 1) in msg and str(MAX_PROMPT_TOKENS) in msg
 
 
+def test_openai_routes_need_a_json_content_type(server):
+    # (only the tutorial's POST / reads JSON whatever the type, as its api.py did)
+    r = requests.post(server.url + COMPLETIONS, data=b'{"prompt": "hi"}',
+                      headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and "Content-Type: application/json" in r.json()["error"]["message"]
+
+
 def test_bad_json_message(server):
     r = requests.post(server.url + CHAT, data=b'{"messages": [', headers={"Content-Type": "application/json"})
     assert "malformed JSON" in r.json()["error"]["message"]

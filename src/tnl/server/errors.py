@@ -107,7 +107,16 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
-        message, param = validation_message(list(exc.errors()))
+        errors = list(exc.errors())
+        content_type = request.headers.get("content-type", "")
+        body_not_json = any(tuple(e.get("loc", ())) == ("body",) and e.get("type") in (
+            "model_attributes_type", "dict_type") for e in errors)
+        if body_not_json and content_type and "json" not in content_type.split(";")[0]:
+            # curl -d without -H sends a form type. Only the tutorial's POST / reads JSON whatever the
+            # type; here a JSON type is required, which also makes browsers preflight cross-site posts.
+            return error_response(f"the body must be a JSON object sent with 'Content-Type: application/json' "
+                                  f"(got '{content_type}')", 400, None)
+        message, param = validation_message(errors)
         return error_response(message, 400, param)
 
     @app.exception_handler(StarletteHTTPException)
