@@ -36,14 +36,16 @@ load_s = time.perf_counter() - t; print("load_model_s", load_s, "ratio_to_read",
 print("peak_gpu_GB", torch.cuda.max_memory_allocated() / 1e9)
 PY
     t0=$(date +%s.%N)
+    # shellcheck disable=SC2016
     python3 -m tnl.cli serve --model /tmp/r7b --port 8123 --max-num-seqs 64 --max-num-batched-tokens 8192 \
       > "$OUT/serve_log.txt" 2>&1 &
     SP=$!
-    until curl -sf http://127.0.0.1:8123/health >/dev/null; do sleep 0.5; kill -0 $SP || break; done
-    echo "server_ready_s $(echo "$(date +%s.%N) - $t0" | bc)" | tee -a "$OUT/load.txt"
-    python3 benchmarks/serve_load.py --url http://127.0.0.1:8123 --concurrency 64 --requests 128 \
-      --prompt-len 128 --output-len 128 --json "$OUT/serve_load.json" 2>&1 | tee "$OUT/serve_load.txt"
-    kill -TERM $SP; wait $SP; echo "server exit $?" | tee -a "$OUT/load.txt" ;;
+    until curl -sf http://127.0.0.1:8123/health >/dev/null; do sleep 0.2; kill -0 $SP || break; done
+    python3 -c "import sys,time; print('server_ready_s', time.time() - float(sys.argv[1]))" "$t0" | tee -a "$OUT/load.txt"
+    python3 benchmarks/serve_load.py --url http://127.0.0.1:8123 --concurrency 64 --requests 256 --logprobs \
+      --prompt-len 128 --output-len 128 --json "$OUT/serve_load.json" 2>&1 | tee -a "$OUT/load.txt"
+    kill -TERM $SP; wait $SP; echo "server exit $?" | tee -a "$OUT/load.txt"
+    grep -v "tnl.access" "$OUT/serve_log.txt" | tail -20 ;;
   profile)
     python3 benchmarks/profile_decode.py --batch-sizes 1 64 2>&1 | grep -v INFO | tee "$OUT/profile.txt" ;;
   demo)

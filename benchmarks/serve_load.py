@@ -25,9 +25,12 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
-async def one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], out_len: int, key: str | None):
+async def one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], out_len: int, key: str | None,
+              logprobs: bool):
     body = {"model": model, "prompt": prompt, "max_tokens": out_len, "temperature": 0, "stream": True,
             "ignore_eos": True}
+    if logprobs:  # a checkpoint without a tokenizer streams no text: the logprob of each token marks it
+        body["logprobs"] = 0
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     t0 = time.perf_counter()
     stamps = []
@@ -55,7 +58,7 @@ async def run(a) -> dict:
         async def task():
             prompt = [rng.randrange(3, a.vocab) for _ in range(a.prompt_len)]
             async with sem:
-                results.append(await one(client, a.url, model, prompt, a.output_len, a.api_key))
+                results.append(await one(client, a.url, model, prompt, a.output_len, a.api_key, a.logprobs))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(task() for _ in range(a.requests)))
@@ -80,6 +83,8 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--vocab", type=int, default=64000, help="random prompt ids are drawn below this")
     p.add_argument("--api-key", default=None)
+    p.add_argument("--logprobs", action="store_true",
+                   help="ask for each token's logprob (needed to see tokens stream from a tokenizer-less model)")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     out = asyncio.run(run(a))

@@ -149,7 +149,7 @@ def test_cuda_bf16_logits_match_cpu_float32(small_model):
         la, lb = a.outputs[0].logprobs[0], b.outputs[0].logprobs[0]
         common = set(la) & set(lb)
         assert len(common) >= 15
-        assert max(abs(la[t] - lb[t]) for t in common) < 0.1
+        assert max(abs(la[t] - lb[t]) / max(1.0, abs(la[t])) for t in common) < 0.05
 
 
 def test_cuda_graph_engine_batches_equal_alone(small_model):

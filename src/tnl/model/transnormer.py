@@ -233,13 +233,12 @@ class TransnormerForCausalLM(nn.Module):
         for layer in self.model.layers:
             tm = layer.token_mixer
             q, k, v, u = tm.project(srms(x).reshape(B * n, -1), pos.repeat(B))
-            q, k, v = (t.reshape(B, n, tm.n_heads, -1) for t in (q, k, v))
-            outs = []
-            for b in range(B):
-                state = torch.zeros(tm.n_heads, q.shape[-1], v.shape[-1], device=x.device)
-                o, _ = kernels.torch_ops.chunk_attention(q[b], k[b], v[b], tm.slope, state, chunk_size=64)
-                outs.append(o.to(v.dtype))
-            o = srms(torch.stack(outs).reshape(B, n, -1))
+            # the batch rides along as extra heads: one chunked pass for all sequences
+            H = tm.n_heads
+            q, k, v = (t.reshape(B, n, H, -1).transpose(0, 1).reshape(n, B * H, -1) for t in (q, k, v))
+            state = torch.zeros(B * H, q.shape[-1], v.shape[-1], device=x.device)
+            o, _ = kernels.torch_ops.chunk_attention(q, k, v, tm.slope.repeat(B), state, chunk_size=64)
+            o = srms(o.to(v.dtype).reshape(n, B, H, -1).transpose(0, 1).reshape(B, n, -1))
             x = x + tm.out_proj(u.reshape(B, n, -1) * o)
             x = x + layer.channel_mixer(srms(x))
         return F.linear(srms(x), self.head_weight).float()
