@@ -248,6 +248,11 @@ class LLMEngine:
         self.requests.pop(request_id, None)
 
 
+def _put_all(items: list) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
 class AsyncEngine:
     """An LLMEngine driven by a background thread; each request gets an async output stream."""
 
@@ -263,6 +268,7 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._stop = False
         self._stats = engine.stats()
+        self._outbox: dict[asyncio.AbstractEventLoop, list] = {}
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="tnl-engine", daemon=True)
         self._thread.start()
@@ -324,8 +330,14 @@ class AsyncEngine:
         entry = self._streams.get(request_id)
         if entry is not None:
             loop, q, _ = entry
+            self._outbox.setdefault(loop, []).append((q, item))
+
+    def _flush(self) -> None:
+        """Hand this step's outputs over: one wake-up per event loop, not one per request."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
             try:
-                loop.call_soon_threadsafe(q.put_nowait, item)
+                loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:  # the client's loop is gone
                 pass
 
@@ -366,15 +378,19 @@ class AsyncEngine:
         try:
             while not self._stop:
                 self._drain_inbox()
+                self._flush()
                 if not eng.has_work:
                     self._wake.wait(0.05)
                     self._wake.clear()
                     continue
-                for req in eng.step():
+                touched = eng.step()
+                self._stats = eng.stats()   # before the outputs go out: a client never sees stale gauges
+                for req in touched:
                     self._emit(req)
-                self._stats = eng.stats()
+                self._flush()
         except BaseException as e:  # keep the server answering: every open stream gets the error
             log.exception("engine loop died")
             self.error = e
             for rid in list(self._streams):
                 self._deliver(rid, RuntimeError(f"internal engine error: {e}"))
+            self._flush()
