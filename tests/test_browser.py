@@ -76,6 +76,18 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def long_server(tmp_path_factory):
+    """A server whose replies never end by themselves (the tiny model above), for the Stop test:
+    the demo model ends its answers with <|im_end|> after a few dozen tokens, sooner than a
+    click can land."""
+    tmp = tmp_path_factory.mktemp("browser-long")
+    with ServerProcess(make_page_model(str(tmp / "tiny-random")), "--api-key", API_KEY,
+                       log_path=str(tmp / "server.log")) as srv:
+        srv.model_name = requests.get(srv.url + "/v1/models", headers=AUTH, timeout=10).json()["data"][0]["id"]
+        yield srv
+
+
+@pytest.fixture(scope="module")
 def browser():
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
@@ -184,7 +196,8 @@ def test_reply_matches_api_over_two_turns(page, server):
     expect(page.locator(".msg")).to_have_count(0)
 
 
-def test_stop_cancels_on_the_server(page, server):
+def test_stop_cancels_on_the_server(page, long_server):
+    server = long_server
     open_chat(page, server.url, server.model_name, max_tokens=2000)
     send(page, "Write a long answer.")
     bubble = page.locator(".msg.assistant")
