@@ -117,3 +117,23 @@ def test_cli_help_lists_commands():
     assert r.returncode == 0
     for c in ("serve", "generate", "chat", "download", "bench"):
         assert c in r.stdout
+
+
+def test_cli_chat_multi_turn_with_demo_model():
+    """`tnl chat` on the bundled demo: two turns, streamed answers, history kept, clean exit."""
+    r = _cli("chat", "--device", "cpu", "--temperature", "0", "--max-tokens", "40",
+             input="你好\nTell me something\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    first, second = r.stdout.split(">>> ")[1:3]
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in first)
+    assert any(ch.isascii() and ch.isalpha() for ch in second)
+
+
+def test_cli_download_without_network_says_how_to_use_a_local_path(tmp_path):
+    env_extra = {"HF_HUB_OFFLINE": "1", "TNL_CACHE_DIR": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "tnl.cli", "download", "OpenNLPLab/TransNormerLLM-7B",
+                        "--source", "huggingface"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, **env_extra})
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "--model" in r.stderr
