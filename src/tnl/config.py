@@ -207,7 +207,6 @@ class EngineConfig:
     max_prompt_tokens: int | None = None     # None: no limit besides memory
     max_model_len: int | None = None         # prompt + output limit; None: unlimited (state is fixed-size)
     cuda_graphs: bool = True
-    chunk_size: int = 256                    # prefill chunk granularity for the torch path
 
     def replace(self, **kw) -> "EngineConfig":
         vals = {f.name: getattr(self, f.name) for f in fields(self)}
