@@ -14,18 +14,10 @@ import time
 
 import torch
 
-from tnl.config import EngineConfig, ModelConfig
+from tnl.config import EngineConfig
+from tnl.model.weights import RANDOM_7B, random_model
 
 log = logging.getLogger(__name__)
-
-RANDOM_7B = {
-    "model_type": "transnormer", "vocab_size": 64000, "decoder_embed_dim": 4096, "hidden_dim": 4096,
-    "decoder_layers": 30, "decoder_attention_heads": 32, "glu_dim": 11008,
-    "linear_use_lrpe_list": [1] + [0] * 29, "no_scale_embedding": False, "bias": False,
-    "norm_type": "simplermsnorm", "linear_act_fun": "silu", "pad_token_id": 0, "bos_token_id": 1,
-    "eos_token_id": 2, "torch_dtype": "bfloat16",
-}
-
 
 def _sync(device):
     if device.type == "cuda":
@@ -49,28 +41,6 @@ def measure_ceilings(device: torch.device) -> dict:
     del x, y
     torch.cuda.empty_cache()
     return {"copy_GBps": copy, "matmul_TFLOPs": mm}
-
-
-def random_model(cfg_dict: dict, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """A random model built straight on the device (no files): for speed, which does not depend
-    on the weights."""
-    from tnl.model.transnormer import TransnormerForCausalLM
-    cfg = ModelConfig.from_dict(cfg_dict)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        m = TransnormerForCausalLM(cfg)
-    m.to(dtype)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if not name.endswith("lrpe.theta"):
-                p.normal_(0, 0.02)
-    for mod in m.modules():   # slopes and decays stay float32
-        for bname, buf in list(mod.named_buffers(recurse=False)):
-            mod._buffers[bname] = buf.float()
-    for layer in m.model.layers:
-        if layer.token_mixer.lrpe is not None:
-            layer.token_mixer.lrpe.theta.data = layer.token_mixer.lrpe.theta.data.float()
-    return m.eval().requires_grad_(False)
 
 
 def weight_bytes(m) -> int:
@@ -116,7 +86,7 @@ def bench(args) -> dict:
                  "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     out.update(measure_ceilings(device))
     t0 = time.perf_counter()
-    if args.model == "random-7b":
+    if args.model == "random-7b":  # tnl.entrypoints.RANDOM_MODEL
         model = random_model(RANDOM_7B, device, dtype)
     else:
         from tnl.entrypoints import resolve_model_dir

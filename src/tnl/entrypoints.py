@@ -12,6 +12,7 @@ from tnl.engine.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 DEMO_MODEL_DIR = os.path.join(os.path.dirname(__file__), "demo")
+RANDOM_MODEL = "random-7b"   # --model random-7b: random weights with the 7B's shapes (speed tests)
 
 
 def resolve_model_dir(model: str | None, source: str = "modelscope", cache_dir: str | None = None,
@@ -30,8 +31,14 @@ def build_engine(model: str | None = None, device: str = "auto", dtype: str = "a
                  source: str = "modelscope", cache_dir: str | None = None, revision: str | None = None,
                  progress: bool = True) -> LLMEngine:
     from tnl.model.tokenizer import Tokenizer
-    from tnl.model.weights import load_model
+    from tnl.model.weights import RANDOM_7B, load_model, random_model, resolve_device, resolve_dtype
 
+    if model == RANDOM_MODEL:  # benchmarks: random 7B-shaped weights built on the device, no tokenizer
+        dev = resolve_device(device)
+        m = random_model(RANDOM_7B, dev, resolve_dtype(dtype, dev))
+        if m.head_weight.is_cuda:
+            m.fuse()
+        return LLMEngine(m, None, engine_config)
     path = resolve_model_dir(model, source, cache_dir, revision)
     m = load_model(path, device=device, dtype=dtype, progress=progress)
     if m.head_weight.is_cuda:

@@ -500,3 +500,34 @@ def make_random_checkpoint(directory: str, cfg_dict: dict, dtype: torch.dtype = 
         json.dump(_config_dict_for(cfg_dict, dtype), f, indent=2)
     logger.info("wrote a random checkpoint to %s: %d shards, %.2f GB", directory, n, total / 1e9)
     return directory
+
+
+# ---- random weights straight on the device (benchmarks) ---------------------------------------
+RANDOM_7B = {  # the official 7B shapes (config.json keys)
+    "model_type": "transnormer", "vocab_size": 64000, "decoder_embed_dim": 4096, "hidden_dim": 4096,
+    "decoder_layers": 30, "decoder_attention_heads": 32, "glu_dim": 11008,
+    "linear_use_lrpe_list": [1] + [0] * 29, "no_scale_embedding": False, "bias": False,
+    "norm_type": "simplermsnorm", "linear_act_fun": "silu", "pad_token_id": 0, "bos_token_id": 1,
+    "eos_token_id": 2, "torch_dtype": "bfloat16",
+}
+
+
+def random_model(cfg_dict: dict, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """A random model built straight on the device (no files): for speed, which does not depend
+    on the weights."""
+    cfg = ModelConfig.from_dict(cfg_dict)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        m = TransnormerForCausalLM(cfg)
+    m.to(dtype)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if not name.endswith("lrpe.theta"):
+                p.normal_(0, 0.02)
+    for mod in m.modules():   # slopes and decays stay float32
+        for bname, buf in list(mod.named_buffers(recurse=False)):
+            mod._buffers[bname] = buf.float()
+    for layer in m.model.layers:
+        if layer.token_mixer.lrpe is not None:
+            layer.token_mixer.lrpe.theta.data = layer.token_mixer.lrpe.theta.data.float()
+    return m.eval().requires_grad_(False)
