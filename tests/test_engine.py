@@ -186,3 +186,29 @@ def test_scheduler_long_prompt_does_not_stall_decode():
         assert b.decode == [short] and b.num_tokens <= 16
         for r, n in b.prefill:
             r.num_computed += n
+
+
+def test_state_pool_copy_and_snapshot_fork_a_sequence():
+    """A slot's state copied to another slot (or saved and restored) continues exactly like the
+    original: the basis for prompt caching and n > 1 sampling."""
+    eng = make_engine()
+    m, pool = eng.model, eng.runner.pool
+    p = prompts(5)[4]
+    from tnl.model.transnormer import AttnBatch
+
+    def decode(slot, tok, pos):
+        with torch.no_grad():
+            b = AttnBatch.build([(slot, pos)], [], "cpu")
+            return m.logits(m(torch.tensor([tok]), b, pool.layers))[0]
+
+    with torch.no_grad():
+        m(torch.tensor(p), AttnBatch.build([], [(0, 0, len(p))], "cpu"), pool.layers)
+    saved = pool.snapshot(0)
+    pool.copy(0, 1)
+    a = decode(0, 7, len(p))
+    b = decode(1, 7, len(p))
+    assert torch.equal(a, b)
+    pool.restore(2, saved)
+    assert torch.equal(decode(2, 7, len(p)), a)
+    ref = reference_logits(SD, CFG, p + [7])[-1]
+    assert torch.allclose(a.double(), ref, rtol=1e-4, atol=1e-4)
