@@ -212,3 +212,49 @@ def test_state_pool_copy_and_snapshot_fork_a_sequence():
     assert torch.equal(decode(2, 7, len(p)), a)
     ref = reference_logits(SD, CFG, p + [7])[-1]
     assert torch.allclose(a.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_model_vocab_larger_than_tokenizer_never_samples_undecodable_ids(tmp_path):
+    """Checkpoints may pad the embedding past the tokenizer; such ids must never be sampled
+    (the detokenizer could not decode them and the request would fail)."""
+    from helpers_tokenizer import build_test_tokenizer
+    from tnl.model.tokenizer import Tokenizer
+    cfg = tiny_config(vocab_size=460)
+    m = TransnormerForCausalLM(ModelConfig.from_dict(cfg))
+    sd = random_state_dict(cfg, seed=3)
+    sd["model.embed_tokens.weight"][400:] *= 8     # make the padded ids the likeliest
+    m.load_state_dict(sd)
+    tok = Tokenizer.from_dir(build_test_tokenizer(str(tmp_path)))
+    assert tok.vocab_size == 400
+    eng = LLMEngine(m.eval(), tok, EngineConfig(max_num_seqs=2))
+    outs = run(eng, [[1, 50, 60], [1, 70]], SamplingParams(max_tokens=30, temperature=1.5, seed=0, ignore_eos=True))
+    for o in outs:
+        assert len(o.outputs[0].token_ids) == 30 and max(o.outputs[0].token_ids) < 400
+
+
+def test_stop_strings_without_tokenizer_are_refused():
+    with pytest.raises(ValueError, match="stop strings"):
+        make_engine().add_request([5, 6], SamplingParams(stop=["x"]))
+
+
+def test_async_engine_refuses_a_live_duplicate_request_id():
+    import asyncio
+    from tnl.engine import AsyncEngine
+    eng = AsyncEngine(make_engine())
+
+    async def main():
+        sp = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+        first = eng.generate([5, 6, 7], sp, "same")
+        out = await first.__anext__()
+        with pytest.raises(ValueError, match="already in use"):
+            async for _ in eng.generate([8, 9], sp, "same"):
+                pass
+        toks = list(out.outputs[0].token_ids)
+        async for o in first:                     # the first stream still runs to the end
+            toks += o.outputs[0].token_ids
+        return toks
+
+    try:
+        assert len(asyncio.run(main())) == 5
+    finally:
+        eng.shutdown()

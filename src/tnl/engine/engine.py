@@ -53,7 +53,8 @@ def generation_stop_ids(model_dir: str | None) -> set[int]:
 def derive_num_slots(cfg: ModelConfig, device: torch.device, requested: int | None,
                      max_num_batched_tokens: int) -> int:
     """--max-num-seqs, or on GPU as many state slots as 90% of free memory holds after a
-    reserve for activations and logits of one full step."""
+    reserve for activations and logits of one full step (prompt-logprob logits of a whole
+    chunk included)."""
     if requested is not None:
         if requested < 1:
             raise ValueError("max_num_seqs must be >= 1")
@@ -62,7 +63,7 @@ def derive_num_slots(cfg: ModelConfig, device: torch.device, requested: int | No
         return CPU_DEFAULT_SLOTS
     free, _ = torch.cuda.mem_get_info(device)
     reserve = max_num_batched_tokens * (cfg.d_model * 2 * 12 + cfg.glu_dim * 2 * 3 + 4 * cfg.hidden_dim * 2) \
-        + 2 * GPU_MAX_SLOTS * cfg.vocab_size * 4 + (1 << 30)
+        + 2 * GPU_MAX_SLOTS * cfg.vocab_size * 4 + 2 * max_num_batched_tokens * cfg.vocab_size * 4 + (1 << 30)
     n = int((free * 0.9 - reserve) // cfg.state_bytes())
     if n < 1:
         raise RuntimeError(f"not enough GPU memory for one sequence's state ({cfg.state_bytes() / 1e6:.0f} MB) "
@@ -87,6 +88,13 @@ class LLMEngine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos = tokenizer.eos_token_id
         self.eos_ids = ({eos} if eos is not None else set()) | set(extra_stop_ids or ())
+        # Checkpoints may pad the embedding past the tokenizer's pieces; ids there cannot be
+        # decoded, so they are never sampled.
+        self.sample_vocab = self.model_config.vocab_size
+        if tokenizer is not None and tokenizer.vocab_size < self.sample_vocab:
+            log.warning("the model has %d token ids but the tokenizer only %d: ids >= %d are never sampled",
+                        self.sample_vocab, tokenizer.vocab_size, tokenizer.vocab_size)
+            self.sample_vocab = tokenizer.vocab_size
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         log.info("engine ready: %d state slots (%.1f MB each), token budget %d, device %s",
@@ -113,6 +121,8 @@ class LLMEngine:
         V = self.model_config.vocab_size
         if any(t >= V for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids must be token ids in [0, {V})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and this checkpoint has none: use stop_token_ids")
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
         req = Request(request_id, list(prompt_token_ids), params, frozenset(stop_ids), prompt=prompt)
         if params.seed is not None:
@@ -163,6 +173,8 @@ class LLMEngine:
         for r in batch.decode:
             r.num_computed += 1
         if reqs:
+            if self.sample_vocab < logits.shape[-1]:
+                logits[:, self.sample_vocab:] = float("-inf")
             res = sample(logits, reqs)
             now = time.monotonic()
             for i, r in enumerate(reqs):
@@ -285,9 +297,9 @@ class AsyncEngine:
     # ---- public API -------------------------------------------------------------------------
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
-        if self.error is not None:
-            raise RuntimeError(f"engine stopped after an internal error: {self.error}")
         self.engine.validate_prompt(prompt_token_ids)
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
         with self._lock:
             if self._stats["waiting"] + self._pending >= self.engine_config.max_waiting:
                 raise QueueFullError(f"waiting queue is full ({self.engine_config.max_waiting} requests); "
@@ -296,6 +308,11 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (loop, q, [0, True])
+        if self.error is not None:   # checked after registering: a dying engine either sees this stream or set this
+            self._streams.pop(request_id, None)
+            with self._lock:
+                self._pending -= 1
+            raise RuntimeError(f"engine stopped after an internal error: {self.error}")
         self._inbox.put(("add", request_id, list(prompt_token_ids), params))
         self._wake.set()
         finished = False

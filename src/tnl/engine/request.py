@@ -73,7 +73,6 @@ class Request:
     detok: object | None = None  # IncrementalDetokenizer when a tokenizer is present
     generator: object | None = None
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.monotonic()))
-    abort_requested: bool = False
 
     @property
     def num_prompt(self) -> int:

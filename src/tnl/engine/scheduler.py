@@ -7,6 +7,7 @@ token budget is spent. A long prompt therefore delays running streams by at most
 from __future__ import annotations
 
 import collections
+import time
 from dataclasses import dataclass
 
 from tnl.engine.request import Request, Status
@@ -72,6 +73,7 @@ class Scheduler:
         if req.finished:
             return
         req.finish_reason = reason
+        req.metrics.finished_time = time.monotonic()
         if req.status is Status.WAITING:
             self.waiting.remove(req)
         else:
