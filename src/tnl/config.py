@@ -46,7 +46,6 @@ class ModelConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     torch_dtype: str | None = None
-    norm_eps: float = 1e-8
 
     @property
     def head_dim(self) -> int:
