@@ -88,9 +88,16 @@ class NormLinearAttention(nn.Module):
         self.qkvu_proj = nn.Linear(cfg.d_model, 4 * cfg.hidden_dim, bias=cfg.bias)
         self.out_proj = nn.Linear(cfg.hidden_dim, cfg.d_model, bias=cfg.bias)
         self.lrpe = Lrpe(cfg.n_heads, cfg.head_dim) if cfg.lrpe[layer] else None
-        slope = torch.tensor(layer_slopes(cfg, layer), dtype=torch.float32)
-        self.register_buffer("slope", slope, persistent=False)             # [H]
-        self.register_buffer("decay", torch.exp(-slope), persistent=False)  # [H]
+        self.layer = layer
+        self.register_buffer("slope", torch.empty(cfg.n_heads), persistent=False)   # [H]
+        self.register_buffer("decay", torch.empty(cfg.n_heads), persistent=False)   # [H] exp(-slope)
+        if self.slope.device.type != "meta":
+            self.reset_decay(cfg, self.slope.device)
+
+    def reset_decay(self, cfg: ModelConfig, device) -> None:
+        """The per-head decay is computed, not stored in checkpoints: (re)build it in float32."""
+        slope = torch.tensor(layer_slopes(cfg, self.layer), dtype=torch.float32, device=device)
+        self.slope, self.decay = slope, torch.exp(-slope)
 
     @property
     def theta(self) -> torch.Tensor | None:

@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from tnl.config import ModelConfig, layer_slopes
+from tnl.config import ModelConfig
 from tnl.model.transnormer import Lrpe, TransnormerForCausalLM, expected_tensors
 
 logger = logging.getLogger(__name__)
@@ -291,13 +291,9 @@ def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def _place_buffers(model: TransnormerForCausalLM, device: torch.device) -> None:
-    """The per-layer decay rates are computed, not stored: under meta they have no values yet.
-    Same formula as NormLinearAttention.__init__ (tests check they agree)."""
-    for i, layer in enumerate(model.model.layers):
-        tm = layer.token_mixer
-        slope = torch.tensor(layer_slopes(model.config, i), dtype=torch.float32)
-        tm.slope = slope.to(device)
-        tm.decay = torch.exp(-slope).to(device)
+    """The per-layer decay rates are computed, not stored: under meta they have no values yet."""
+    for layer in model.model.layers:
+        layer.token_mixer.reset_decay(model.config, device)
 
 
 def _check_ignored_head(wf: WeightFiles, found: dict, model: TransnormerForCausalLM) -> None:
@@ -514,20 +510,14 @@ RANDOM_7B = {  # the official 7B shapes (config.json keys)
 
 def random_model(cfg_dict: dict, device: torch.device, dtype: torch.dtype, seed: int = 0):
     """A random model built straight on the device (no files): for speed, which does not depend
-    on the weights."""
+    on the weights. Matrices normal(0, 0.02) in `dtype`; LRPE theta and the decay buffers keep
+    their float32 values."""
     cfg = ModelConfig.from_dict(cfg_dict)
     torch.manual_seed(seed)
     with torch.device(device):
         m = TransnormerForCausalLM(cfg)
-    m.to(dtype)
     with torch.no_grad():
         for name, p in m.named_parameters():
             if not name.endswith("lrpe.theta"):
-                p.normal_(0, 0.02)
-    for mod in m.modules():   # slopes and decays stay float32
-        for bname, buf in list(mod.named_buffers(recurse=False)):
-            mod._buffers[bname] = buf.float()
-    for layer in m.model.layers:
-        if layer.token_mixer.lrpe is not None:
-            layer.token_mixer.lrpe.theta.data = layer.token_mixer.lrpe.theta.data.float()
+                p.data = torch.empty_like(p, dtype=dtype).normal_(0, 0.02)
     return m.eval().requires_grad_(False)
