@@ -92,7 +92,7 @@ def test_a_file_is_not_a_model(tmp_path):
         resolve_model(path)
 
 
-@pytest.mark.parametrize("bad", ["TransNormerLLM-7B", "a/b/c", "../x", "/no/such/dir", "org/", "org/na me"])
+@pytest.mark.parametrize("bad", ["TransNormerLLM-7B", "a/b/c", "../tnl-no-such-dir-3f9a", "/no/such/dir", "org/", "org/na me"])
 def test_neither_path_nor_id(bad):
     with pytest.raises(HubError, match="neither an existing directory nor a model id of the form org/name"):
         resolve_model(bad)
