@@ -15,11 +15,24 @@ CFG = tiny_config(vocab_size=300, linear_use_lrpe_list=[1, 0, 0])
 SD = random_state_dict(CFG, seed=11, theta_scale=0.7)
 
 
+ASYNC = [False]
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["sync", "async"])
+def async_scheduling(request):
+    """Every engine test runs twice: plain steps, and with async scheduling (each decode step
+    queued before the previous step's tokens are read back), which CUDA uses by default."""
+    ASYNC[0] = request.param
+    yield request.param
+    ASYNC[0] = False
+
+
 def make_engine(**kw) -> LLMEngine:
     m = TransnormerForCausalLM(ModelConfig.from_dict(CFG))
     m.load_state_dict(SD)
     m.eval()
-    return LLMEngine(m, None, EngineConfig(**{"max_num_seqs": 4, "max_num_batched_tokens": 64, **kw}))
+    return LLMEngine(m, None, EngineConfig(**{"max_num_seqs": 4, "max_num_batched_tokens": 64,
+                                              "async_scheduling": ASYNC[0], **kw}))
 
 
 def run(engine: LLMEngine, prompts, params):
@@ -226,7 +239,7 @@ def test_model_vocab_larger_than_tokenizer_never_samples_undecodable_ids(tmp_pat
     m.load_state_dict(sd)
     tok = Tokenizer.from_dir(build_test_tokenizer(str(tmp_path)))
     assert tok.vocab_size == 400
-    eng = LLMEngine(m.eval(), tok, EngineConfig(max_num_seqs=2))
+    eng = LLMEngine(m.eval(), tok, EngineConfig(max_num_seqs=2, async_scheduling=ASYNC[0]))
     outs = run(eng, [[1, 50, 60], [1, 70]], SamplingParams(max_tokens=30, temperature=1.5, seed=0, ignore_eos=True))
     for o in outs:
         assert len(o.outputs[0].token_ids) == 30 and max(o.outputs[0].token_ids) < 400
@@ -258,3 +271,79 @@ def test_async_engine_refuses_a_live_duplicate_request_id():
         assert len(asyncio.run(main())) == 5
     finally:
         eng.shutdown()
+
+
+def _seeded_with_new_token(p):
+    """A seeded sample of 12 tokens and an index k >= 3 whose token appears there first (the
+    tiny random model repeats one token when greedy)."""
+    sp = SamplingParams(max_tokens=12, temperature=4.0, seed=5, ignore_eos=True)
+    eng = make_engine(async_scheduling=False)
+    g = run(eng, [p], sp)[0].outputs[0].token_ids
+    return g, next(i for i in range(3, 12) if g[i] not in g[:i])
+
+
+def _mixed_workload(eng: LLMEngine):
+    """Requests with every kind of ending, half of them arriving mid-decode; returns what each
+    produced and how many steps left a step in flight."""
+    ps = prompts(8)
+    free = SamplingParams(max_tokens=9, temperature=0, ignore_eos=True)
+    g, k = _seeded_with_new_token(ps[1])
+    kinds = [
+        free,
+        SamplingParams(max_tokens=12, temperature=4.0, seed=5, stop_token_ids=[g[k]]),   # stops at token k
+        SamplingParams(max_tokens=1, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=7, temperature=0.8, top_k=40, top_p=0.9, seed=3, ignore_eos=True, logprobs=3),
+        SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0),
+        SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, presence_penalty=0.5),   # needs host tokens
+        SamplingParams(max_tokens=0, prompt_logprobs=1),
+        SamplingParams(max_tokens=12, temperature=1.0, seed=9, ignore_eos=True, min_p=0.05),
+    ]
+    reqs = [eng.add_request(p, sp) for p, sp in zip(ps[:4], kinds[:4])]
+    overlapped = steps = 0
+    while eng.has_work:
+        eng.step()
+        steps += 1
+        overlapped += eng._in_flight is not None
+        if steps == 6:
+            reqs += [eng.add_request(p, sp) for p, sp in zip(ps[4:], kinds[4:])]
+        assert steps < 1000
+    outs = [eng.final_output(r).outputs[0] for r in reqs]
+    return [(o.token_ids, o.logprobs, o.finish_reason, o.stop_reason) for o in outs], overlapped, k
+
+
+def test_async_scheduling_gives_the_same_outputs(async_scheduling):
+    """Stops, lengths, logprobs, seeded sampling, penalties and late arrivals: the same tokens
+    and logprobs whether or not each step is queued before the last one's tokens are read."""
+    if not async_scheduling:
+        pytest.skip("compares both modes in one run")
+    ASYNC[0] = False
+    want, none, k = _mixed_workload(make_engine(max_num_seqs=4, max_num_batched_tokens=40))
+    ASYNC[0] = True
+    eng = make_engine(max_num_seqs=4, max_num_batched_tokens=40)
+    got, overlapped, _ = _mixed_workload(eng)
+    assert none == 0 and overlapped > 5
+    for (gt, glp, gf, gs), (wt, wlp, wf, ws) in zip(got, want):
+        assert (gt, gf, gs) == (wt, wf, ws)
+        if wlp is not None:
+            assert len(glp) == len(wlp)
+            for a, b in zip(glp, wlp):
+                assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a)
+    assert want[1][2] == "stop" and len(want[1][0]) == k + 1
+    assert eng.stats() == {"running": 0, "waiting": 0, "slots_used": 0, "slots_total": 4}
+    assert not eng.has_work
+
+
+def test_async_scheduling_drops_the_token_after_a_stop(async_scheduling):
+    """A sequence that stops at step k was already queued for step k+1: that token is dropped
+    and its slot goes to the next request, which starts from a zero state."""
+    if not async_scheduling:
+        pytest.skip("async only")
+    eng = make_engine(max_num_seqs=1)
+    p, q = prompts(3)[1], prompts(3)[2]
+    g, k = _seeded_with_new_token(p)
+    a = eng.add_request(p, SamplingParams(max_tokens=50, temperature=4.0, seed=5, stop_token_ids=[g[k]]))
+    b = eng.add_request(q, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    while eng.has_work:
+        eng.step()
+    assert a.output_token_ids == g[:k + 1] and a.finish_reason == "stop"
+    assert b.output_token_ids == ref_greedy(q, 4) and b.slot == a.slot

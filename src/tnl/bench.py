@@ -103,7 +103,8 @@ def bench(args) -> dict:
     max_bs = max(args.batch_sizes)
     t0 = time.perf_counter()
     ec = EngineConfig(max_num_seqs=max_bs, max_num_batched_tokens=max(args.max_num_batched_tokens, max_bs),
-                      max_waiting=1 << 20, cuda_graphs=not args.no_cuda_graphs)
+                      max_waiting=1 << 20, cuda_graphs=not args.no_cuda_graphs,
+                      async_scheduling=args.async_scheduling)
     engine = LLMEngine(model, None, ec)
     out["engine_init_s"] = time.perf_counter() - t0
     g = torch.Generator().manual_seed(0)
@@ -168,6 +169,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context-batch", type=int, default=1)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="overlap host work with the next decode step (default: on for CUDA)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
 

@@ -206,6 +206,7 @@ class EngineConfig:
     max_prompt_tokens: int | None = None     # None: no limit besides memory
     max_model_len: int | None = None         # prompt + output limit; None: unlimited (state is fixed-size)
     cuda_graphs: bool = True
+    async_scheduling: bool | None = None    # overlap host work with the next decode step; None: on for CUDA
 
     def replace(self, **kw) -> "EngineConfig":
         vals = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -21,9 +21,9 @@ import torch
 from tnl.config import EngineConfig, ModelConfig
 from tnl.engine.request import CompletionOutput, Request, RequestOutput, Status
 from tnl.engine.runner import ModelRunner
-from tnl.engine.sampler import sample, top_logprobs
+from tnl.engine.sampler import PendingSample, sample, top_logprobs
 from tnl.engine.sampling_params import SamplingParams
-from tnl.engine.scheduler import QueueFullError, Scheduler
+from tnl.engine.scheduler import QueueFullError, ScheduledBatch, Scheduler
 from tnl.model.transnormer import TransnormerForCausalLM
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,8 @@ class LLMEngine:
             self.sample_vocab = tokenizer.vocab_size
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
+        self.async_scheduling = ec.async_scheduling if ec.async_scheduling is not None else self.device.type == "cuda"
+        self._in_flight: _Step | None = None
         log.info("engine ready: %d state slots (%.1f MB each), token budget %d, device %s",
                  slots, self.model_config.state_bytes() / 1e6, ec.max_num_batched_tokens, self.device)
 
@@ -145,7 +147,7 @@ class LLMEngine:
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self._in_flight is not None
 
     def stats(self) -> dict[str, int]:
         return self.scheduler.stats()
@@ -153,34 +155,80 @@ class LLMEngine:
     # ---- one step ---------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[Request]:
-        """Run one step. Returns the requests that got new output or finished."""
+        """Run one step. Returns the requests that got new output or finished.
+
+        With async scheduling (CUDA), a decode-only step is queued on the device before the
+        tokens of the step before it are read back: the host's work for step k (reading
+        tokens, detokenizing, stop checks, handing outputs over, scheduling) overlaps the
+        device's work for step k+1. A sequence that stops at step k has then also been run in
+        step k+1; that token is dropped. Steps with prompt chunks or penalties (which need the
+        previous tokens on the host) wait for the step in flight first."""
+        touched: dict[str, Request] = {}
         batch = self.scheduler.schedule()
-        if not batch:
-            return []
+        if batch and self._in_flight is not None and self._can_overlap(batch):
+            launched = self._launch(batch, self._in_flight)
+            self._complete(self._in_flight, touched)
+            self._in_flight = launched
+            return list(touched.values())
+        if self._in_flight is not None:
+            self._complete(self._in_flight, touched)
+            self._in_flight = None
+            batch.decode = [r for r in batch.decode if not r.finished]
+        if batch:
+            launched = self._launch(batch, None)
+            if self._can_overlap(batch):
+                self._in_flight = launched
+            else:
+                self._complete(launched, touched)
+        return list(touched.values())
+
+    def _can_overlap(self, batch: ScheduledBatch) -> bool:
+        return self.async_scheduling and not batch.prefill and not any(r.params.needs_penalties for r in batch.decode)
+
+    def _launch(self, batch: ScheduledBatch, prev: "_Step | None") -> "_Step":
+        """Queue the batch's forward pass and sampling on the device; update the bookkeeping
+        that does not need the sampled tokens."""
         now = time.monotonic()
         for r, _ in batch.prefill:
             if r.metrics.first_scheduled_time is None:
                 r.metrics.first_scheduled_time = now
-        logits, reqs, prompt_logits = self.runner.execute(batch)
-        touched: dict[str, Request] = {}
+        if prev is not None and prev.sample is not None:
+            logits, reqs, prompt_logits = self.runner.execute(batch, prev.rows, prev.sample.token_ids)
+        else:
+            logits, reqs, prompt_logits = self.runner.execute(batch)
+        done: list[Request] = []
         for r, n in batch.prefill:
             if r.request_id in prompt_logits:
                 self._add_prompt_logprobs(r, prompt_logits[r.request_id], n)
             r.num_computed += n
             if r.prefill_done and r.params.max_tokens == 0:
                 self.scheduler.finish(r, "length")
-                touched[r.request_id] = r
+                done.append(r)
         for r in batch.decode:
             r.num_computed += 1
+        pending = None
         if reqs:
             if self.sample_vocab < logits.shape[-1]:
                 logits[:, self.sample_vocab:] = float("-inf")
-            res = sample(logits, reqs)
-            now = time.monotonic()
-            for i, r in enumerate(reqs):
-                self._append_token(r, res.token_ids[i], res.logprobs[i], res.sampled_logprob[i], now)
-                touched[r.request_id] = r
-        return list(touched.values())
+            pending = sample(logits, reqs).start_copy()
+            for r in reqs:
+                r.in_flight = True
+        return _Step(reqs, pending, done)
+
+    def _complete(self, step: "_Step", touched: dict[str, Request]) -> None:
+        """Wait for a launched step's tokens and apply them."""
+        for r in step.done:
+            touched[r.request_id] = r
+        if step.sample is None:
+            return
+        res = step.sample.resolve()
+        now = time.monotonic()
+        for i, r in enumerate(step.reqs):
+            r.in_flight = False
+            if r.finished:   # stopped or aborted while this step ran: its token is dropped
+                continue
+            self._append_token(r, res.token_ids[i], res.logprobs[i], res.sampled_logprob[i], now)
+            touched[r.request_id] = r
 
     def _add_prompt_logprobs(self, r: Request, logits: torch.Tensor, n: int) -> None:
         """logits [n, V] at positions num_computed..+n-1 predict the prompt tokens after them."""
@@ -258,6 +306,17 @@ class LLMEngine:
 
     def release(self, request_id: str) -> None:
         self.requests.pop(request_id, None)
+
+
+class _Step:
+    """A launched step: the requests of its sampled rows (row i = reqs[i]), their tokens still
+    on the device, and requests it finished without sampling (max_tokens 0)."""
+
+    __slots__ = ("reqs", "sample", "done", "rows")
+
+    def __init__(self, reqs: list[Request], sample: PendingSample | None, done: list[Request]):
+        self.reqs, self.sample, self.done = reqs, sample, done
+        self.rows = {id(r): i for i, r in enumerate(reqs)}
 
 
 def _put_all(items: list) -> None:

@@ -72,8 +72,10 @@ class ModelRunner:
         self._ids = torch.zeros(max_bs, dtype=torch.long, device=dev)
         self._pos = torch.zeros(max_bs, dtype=torch.long, device=dev)
         self._slots = torch.full((max_bs,), self.pool.scratch, dtype=torch.long, device=dev)
-        self._host = torch.zeros(3, max_bs, dtype=torch.long).pin_memory()   # staged ids / positions / slots
-        self._host_np = self._host.numpy()
+        self._src = torch.full((max_bs,), -1, dtype=torch.long, device=dev)
+        # staged ids / positions / slots / in-flight rows, two buffers used in turn
+        self._host = [torch.zeros(4, max_bs, dtype=torch.long).pin_memory() for _ in range(2)]
+        self._flip = 0
         self._out: dict[int, torch.Tensor] = {}
         mempool = torch.cuda.graph_pool_handle()
         sizes = graph_batch_sizes(max_bs)
@@ -93,42 +95,69 @@ class ModelRunner:
         torch.cuda.synchronize(dev)
         log.info("captured %d CUDA graphs (batch sizes %s) in %.1f s", len(sizes), sizes, time.perf_counter() - t0)
 
-    def _replay(self, decode: list[Request]) -> torch.Tensor:
+    def _replay(self, decode: list[Request], host_ids: list[int], src: list[int] | None,
+                prev_tokens: torch.Tensor | None) -> torch.Tensor:
         n = len(decode)
         bs = next(b for b in sorted(self.graphs) if b >= n)
-        h = self._host_np
-        h[0, :n] = [r.last_token() for r in decode]
-        h[1, :n] = [r.num_tokens - 1 for r in decode]
+        # Two staging buffers used in turn: with one step in flight, the buffer written now was
+        # last read by the step before it, which the host has already waited for.
+        self._flip ^= 1
+        host = self._host[self._flip]
+        h = host.numpy()
+        h[0, :n] = host_ids
+        h[1, :n] = [r.num_computed for r in decode]
         h[2, :n] = [r.slot for r in decode]
         h[0:2, n:bs] = 0
         h[2, n:bs] = self.pool.scratch
-        # the previous step's copies finished before its tokens reached the host, so the
-        # staging buffer is free to overwrite
-        self._ids[:bs].copy_(self._host[0, :bs], non_blocking=True)
-        self._pos[:bs].copy_(self._host[1, :bs], non_blocking=True)
-        self._slots[:bs].copy_(self._host[2, :bs], non_blocking=True)
+        self._ids[:bs].copy_(host[0, :bs], non_blocking=True)
+        self._pos[:bs].copy_(host[1, :bs], non_blocking=True)
+        self._slots[:bs].copy_(host[2, :bs], non_blocking=True)
+        if src is not None:
+            h[3, :n] = src
+            h[3, n:bs] = -1
+            self._src[:bs].copy_(host[3, :bs], non_blocking=True)
+            _take_in_flight(self._ids[:bs], self._src[:bs], prev_tokens)
         self.graphs[bs].replay()
         return self._out[bs][:n]
 
     # ---- one step ---------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch):
+    def execute(self, batch: ScheduledBatch, in_flight: dict[int, int] | None = None,
+                prev_tokens: torch.Tensor | None = None):
         """Returns (logits [M, V] for the rows to sample, their requests, prompt_logits) where
         the rows are the decode requests then the requests whose prompt completes this step
         (and want tokens), and prompt_logits maps a request asking for prompt logprobs to the
-        logits [n, V] of this chunk's positions."""
+        logits [n, V] of this chunk's positions.
+
+        A decode request whose last token is still on the device (sampled by the step in
+        flight) has `in_flight[id(request)]` = its row in `prev_tokens`: its input id is taken
+        from there on the device, so this step is queued without waiting for that one."""
         self.pool.zero(batch.new_slots)
         decode = batch.decode
+        host_ids: list[int] = []
+        src: list[int] | None = None
+        for i, r in enumerate(decode):
+            row = in_flight.get(id(r)) if in_flight else None
+            if row is None:
+                host_ids.append(r.last_token())
+            else:
+                host_ids.append(0)
+                if src is None:
+                    src = [-1] * len(decode)
+                src[i] = row
         if not batch.prefill and decode and self.use_graphs and len(decode) <= max(self.graphs):
-            return self._replay(decode), list(decode), {}
+            return self._replay(decode, host_ids, src, prev_tokens), list(decode), {}
 
-        ids: list[int] = [r.last_token() for r in decode]
         prefill_spec = []
         for r, n in batch.prefill:
-            ids.extend(r.prompt_token_ids[r.num_computed:r.num_computed + n])
+            host_ids.extend(r.prompt_token_ids[r.num_computed:r.num_computed + n])
             prefill_spec.append((r.slot, r.num_computed, n))
-        attn = AttnBatch.build([(r.slot, r.num_tokens - 1) for r in decode], prefill_spec, self.device)
-        hidden = self.model(torch.tensor(ids, dtype=torch.long, device=self.device), attn, self.pool.layers)
+        attn = AttnBatch.build([(r.slot, r.num_computed) for r in decode], prefill_spec, self.device)
+        ids = torch.tensor(host_ids, dtype=torch.long, device=self.device)
+        if src is not None:
+            src_t = torch.tensor(src + [-1] * (len(host_ids) - len(src)), dtype=torch.long, device=self.device)
+            _take_in_flight(ids, src_t, prev_tokens)
+        hidden = self.model(ids, attn, self.pool.layers)
 
         rows = list(range(len(decode)))
         reqs = list(decode)
@@ -143,3 +172,9 @@ class ModelRunner:
             off += n
         logits = self.model.logits(hidden[rows]) if rows else hidden.new_zeros(0, 1)
         return logits, reqs, prompt_logits
+
+
+def _take_in_flight(ids: torch.Tensor, src: torch.Tensor, prev_tokens: torch.Tensor) -> None:
+    """ids[i] = prev_tokens[src[i]] where src[i] >= 0, on the device (no host sync)."""
+    taken = prev_tokens.index_select(0, src.clamp(min=0, max=prev_tokens.shape[0] - 1))
+    torch.where(src >= 0, taken, ids, out=ids)

@@ -92,7 +92,9 @@ class Scheduler:
         self._to_free.clear()
 
         budget = self.max_num_batched_tokens
-        decode = [r for r in self.running if r.prefill_done]
+        # a sequence whose token in flight (async scheduling) is its last one gets no more steps
+        decode = [r for r in self.running
+                  if r.prefill_done and not (r.in_flight and len(r.output_token_ids) + 1 >= r.params.max_tokens)]
         budget -= len(decode)
         prefill: list[tuple[Request, int]] = []
         for r in self.running:

@@ -16,7 +16,7 @@ class ServerConfig:
     """Everything `tnl serve` needs: which model, where to listen, limits, security, logging.
 
     model: local checkpoint directory or hub id; None serves the bundled demo model.
-    max_num_seqs, max_num_batched_tokens, max_waiting, max_prompt_tokens: engine limits
+    max_num_seqs, max_num_batched_tokens, max_waiting, max_prompt_tokens, async_scheduling: engine settings
         (None keeps the engine's default; see tnl.config.EngineConfig).
     api_key: when set, every route except GET /health, the chat page and its static files needs
         `Authorization: Bearer <api_key>`.
@@ -38,6 +38,7 @@ class ServerConfig:
     max_num_batched_tokens: int | None = None
     max_waiting: int | None = None
     max_prompt_tokens: int | None = None
+    async_scheduling: bool | None = None
     api_key: str | None = None
     served_model_name: str | None = None
     chat_template: str | None = None
@@ -63,7 +64,7 @@ class ServerConfig:
         from tnl.config import EngineConfig
 
         over = {name: getattr(self, name) for name in
-                ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_prompt_tokens")
+                ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_prompt_tokens", "async_scheduling")
                 if getattr(self, name) is not None}
         return EngineConfig(**over)
 
@@ -128,6 +129,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="requests allowed to wait for a slot; more are refused with 429")
     parser.add_argument("--max-prompt-tokens", type=_positive_int, default=None,
                         help="longest prompt accepted, in tokens (default: no limit)")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                        help="queue each decode step before reading back the last one's tokens "
+                             "(default: on for CUDA)")
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' (GET /health and the chat page stay open)")
     parser.add_argument("--served-model-name", default=None,
