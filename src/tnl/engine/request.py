@@ -50,6 +50,17 @@ class RequestOutput:
     num_generated_tokens: int = 0
 
 
+def merge_deltas(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """Two consecutive deltas of one sequence as one (a slow reader gets bigger pieces)."""
+    oa, ob = a.outputs[0], b.outputs[0]
+    lps = None if oa.logprobs is None and ob.logprobs is None else (oa.logprobs or []) + (ob.logprobs or [])
+    out = CompletionOutput(ob.index, oa.text + ob.text, oa.token_ids + ob.token_ids, lps, ob.finish_reason,
+                           ob.cumulative_logprob, ob.stop_reason)
+    return RequestOutput(b.request_id, b.prompt, b.prompt_token_ids,
+                         a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs,
+                         [out], b.finished, b.metrics, b.num_prompt_tokens, b.num_generated_tokens)
+
+
 @dataclass
 class Request:
     """Mutable engine-side state. `num_computed` counts tokens whose effect is in the state."""

@@ -18,6 +18,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from tnl.engine import QueueFullError, RequestOutput, SamplingParams
+from tnl.engine.request import merge_deltas
 from tnl.server.config import ServerConfig
 from tnl.server.errors import APIError
 from tnl.server.metrics import ServerMetrics
@@ -261,7 +262,11 @@ class Generation:
                 self.metrics.queue_time.observe(max(0.0, m.first_scheduled_time - m.arrival_time))
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """(choice index, delta) until every request has finished; closes on the way out."""
+        """(choice index, delta) until every request has finished; closes on the way out.
+
+        Deltas that queued up while the reader was busy (writing other streams' chunks) come
+        out merged, one per choice: a reader slower than the engine gets bigger pieces rather
+        than a growing backlog, so it never holds the engine back."""
         try:
             remaining = self.finished.count(False)
             while self._buffer:
@@ -270,16 +275,25 @@ class Generation:
                 remaining -= out.finished
                 yield k, out
             while remaining > 0:
-                k, out = await self._queue.get()
-                self._check(out)
-                self._observe(k, out)
-                remaining -= out.finished
-                yield k, out
+                for k, out in self._merged([await self._queue.get()]):
+                    self._observe(k, out)
+                    remaining -= out.finished
+                    yield k, out
             start = self._scope_state.get("start_time")
             if start is not None:
                 self.metrics.e2e.observe(time.monotonic() - start)
         finally:
             self.close()
+
+    def _merged(self, items: list) -> list[tuple[int, RequestOutput]]:
+        """`items` plus whatever else is queued now, merged per choice in first-arrival order."""
+        while not self._queue.empty():
+            items.append(self._queue.get_nowait())
+        merged: dict[int, RequestOutput] = {}
+        for k, out in items:
+            self._check(out)
+            merged[k] = merge_deltas(merged[k], out) if k in merged else out
+        return list(merged.items())
 
     def close(self) -> None:
         if self._closed:
