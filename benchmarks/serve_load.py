@@ -26,7 +26,7 @@ def pct(xs: list[float], p: float) -> float:
 
 
 async def one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], out_len: int, key: str | None,
-              logprobs: bool):
+              logprobs: bool, chunks: list[int]):
     body = {"model": model, "prompt": prompt, "max_tokens": out_len, "temperature": 0, "stream": True,
             "ignore_eos": True}
     if logprobs:  # a checkpoint without a tokenizer streams no text: the logprob of each token marks it
@@ -41,8 +41,14 @@ async def one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int]
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
-            if chunk.get("choices"):
-                stamps.append(time.perf_counter())
+            for choice in chunk.get("choices") or ():
+                # a chunk may carry several tokens (the server merges deltas a slow reader
+                # let pile up); with logprobs each token has an entry, else count the chunk
+                lp = choice.get("logprobs")
+                n = len(lp["token_logprobs"]) if lp else 1
+                now = time.perf_counter()
+                stamps.extend([now] * n)
+                chunks[0] += 1
     return t0, stamps
 
 
@@ -54,11 +60,13 @@ async def run(a) -> dict:
         model = models[0]["id"]
         sem = asyncio.Semaphore(a.concurrency)
         results = []
+        chunks = [0]
 
         async def task():
             prompt = [rng.randrange(3, a.vocab) for _ in range(a.prompt_len)]
             async with sem:
-                results.append(await one(client, a.url, model, prompt, a.output_len, a.api_key, a.logprobs))
+                results.append(await one(client, a.url, model, prompt, a.output_len, a.api_key, a.logprobs,
+                                         chunks))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(task() for _ in range(a.requests)))
@@ -66,9 +74,9 @@ async def run(a) -> dict:
     ttft = [s[0] - t for t, s in results if s]
     itl = [b - a_ for _, s in results for a_, b in zip(s, s[1:])]
     tokens = sum(len(s) for _, s in results)
-    # steady-state throughput: chunks (one token each with greedy streaming) over the wall time
     out = {"requests": a.requests, "concurrency": a.concurrency, "prompt_len": a.prompt_len,
            "output_len": a.output_len, "wall_s": wall, "output_tokens": tokens, "output_tok_s": tokens / wall,
+           "chunks": chunks[0], "tokens_per_chunk": tokens / max(chunks[0], 1),
            "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99), "itl_p50_ms": 1e3 * pct(itl, 50),
            "itl_p99_ms": 1e3 * pct(itl, 99), "itl_mean_ms": 1e3 * statistics.fmean(itl) if itl else float("nan")}
     return out
