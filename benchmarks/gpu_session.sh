@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # One device session: GPU tests, the anchor ceilings, `tnl bench`, and (phase "serve") load
 # time, server start-up and HTTP load. Results go to $OUT (default ./out).
-#   bash benchmarks/gpu_session.sh tests bench      # or: serve, demo
+#   bash benchmarks/gpu_session.sh tests bench sync profile http gemm   # or: serve, demo
+# Phases: tests (tests/test_cuda.py), bench (anchor_bench + tnl bench), sync (tnl bench with
+# --no-async-scheduling, the A/B), profile, http (offline batch 64 then `tnl serve` under 64
+# streaming clients, same call), serve (load from disk + start-up + HTTP), gemm (kernel sweep),
+# demo (train the demo model).
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
@@ -46,6 +50,25 @@ PY
       --prompt-len 128 --output-len 128 --json "$OUT/serve_load.json" 2>&1 | tee -a "$OUT/load.txt"
     kill -TERM $SP; wait $SP; echo "server exit $?" | tee -a "$OUT/load.txt"
     grep -v "tnl.access" "$OUT/serve_log.txt" | tail -20 ;;
+  sync)
+    python3 -m tnl.cli bench --model random-7b --batch-sizes 1 64 256 --prompt-len 128 --output-len 64 \
+      --prefill-len --context-lens --no-async-scheduling --json "$OUT/bench_sync.json" 2>&1 \
+      | tee "$OUT/bench_sync.txt" | grep -v INFO ;;
+  http)
+    python3 -m tnl.cli bench --model random-7b --batch-sizes 64 --prompt-len 128 --output-len 128 --prefill-len \
+      --context-lens --json "$OUT/bench64.json" 2>&1 | grep -v INFO | tail -3 | tee "$OUT/http.txt"
+    for mode in ${HTTP_MODES:-async}; do
+      flag=--async-scheduling; [ "$mode" = sync ] && flag=--no-async-scheduling
+      python3 -m tnl.cli serve --model random-7b --port 8124 --max-num-seqs 64 $flag > "$OUT/serve_$mode.log" 2>&1 &
+      SP=$!
+      until curl -sf http://127.0.0.1:8124/health >/dev/null; do sleep 0.2; kill -0 $SP 2>/dev/null || break; done
+      echo "== tnl serve ($mode scheduling), 64 streaming clients" | tee -a "$OUT/http.txt"
+      python3 benchmarks/serve_load.py --url http://127.0.0.1:8124 --concurrency 64 --requests 256 --logprobs \
+        --prompt-len 128 --output-len 128 --json "$OUT/serve_load_$mode.json" 2>&1 | tee -a "$OUT/http.txt"
+      kill -TERM $SP; wait $SP
+    done ;;
+  gemm)
+    python3 benchmarks/gemm_bench.py ${GEMM_ARGS:-} --json "$OUT/gemm.json" 2>&1 | tee "$OUT/gemm.txt" | tail -60 ;;
   profile)
     python3 benchmarks/profile_decode.py --batch-sizes 1 64 2>&1 | grep -v INFO | tee "$OUT/profile.txt" ;;
   demo)

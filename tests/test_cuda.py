@@ -181,3 +181,38 @@ def test_cuda_graph_engine_batches_equal_alone(small_model):
             top = sorted(lpa.values(), reverse=True)
             assert len(top) < 2 or top[0] - top[1] < 0.05, f"diverged at {n} without a near tie"
     assert eng.stats()["slots_used"] == 0
+
+
+def test_cuda_async_scheduling_equals_plain_steps(small_model):
+    """CUDA graphs with async scheduling (the default: each decode step queued before the last
+    step's tokens are read back, input ids gathered on the device) give the tokens and
+    logprobs of plain steps; the token after a stop is dropped and its slot reused."""
+    from tnl.engine import LLMEngine, SamplingParams
+    cfg, sd = small_model
+    m = _build(cfg, sd, DEV, torch.bfloat16)
+    m.fuse()
+    prompts = [torch.randint(3, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+               for n in (3, 40, 129, 5, 600, 17, 256, 9)]
+    params = [SamplingParams(max_tokens=8 + 3 * i, temperature=0 if i % 2 else 0.9, seed=i, logprobs=2,
+                             ignore_eos=True) for i in range(len(prompts))]
+
+    def run(async_scheduling):
+        eng = LLMEngine(m, None, EngineConfig(max_num_seqs=6, max_num_batched_tokens=256,
+                                              async_scheduling=async_scheduling))
+        assert eng.async_scheduling == async_scheduling and eng.runner.graphs
+        reqs = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
+        overlapped = 0
+        while eng.has_work:
+            eng.step()
+            overlapped += eng._in_flight is not None
+        assert eng.stats()["slots_used"] == 0
+        return [eng.final_output(r).outputs[0] for r in reqs], overlapped
+
+    plain, none = run(False)
+    fast, overlapped = run(True)
+    assert none == 0 and overlapped > 10
+    for a, b in zip(plain, fast):
+        assert len(a.token_ids) == len(b.token_ids) and a.finish_reason == b.finish_reason == "length"
+        assert a.token_ids == b.token_ids
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert x.keys() == y.keys() and max(abs(x[t] - y[t]) for t in x) < 1e-3
