@@ -2,8 +2,9 @@
 # One device session: GPU tests, the anchor ceilings, `tnl bench`, and (phase "serve") load
 # time, server start-up and HTTP load. Results go to $OUT (default ./out).
 #   bash benchmarks/gpu_session.sh tests bench sync profile http gemm   # or: serve, demo
-# Phases: tests (tests/test_cuda.py), bench (anchor_bench + tnl bench), sync (tnl bench with
-# --no-async-scheduling, the A/B), profile, http (offline batch 64 then `tnl serve` under 64
+# Phases: tests (tests/test_cuda.py, test_triton_gemm.py), bench (anchor_bench + tnl bench),
+# sync (tnl bench with --no-async-scheduling, the A/B), cublas (tnl bench with TNL_SKINNY_GEMM=0,
+# the A/B of the Triton decode matmuls), profile, http (offline batch 64 then `tnl serve` under 64
 # streaming clients, same call), serve (load from disk + start-up + HTTP), gemm (kernel sweep),
 # demo (train the demo model).
 set -u
@@ -17,7 +18,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 for phase in "$@"; do
   case $phase in
   tests)
-    python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 ;;
+    python3 -m pytest tests/test_cuda.py tests/test_triton_gemm.py -q -p no:cacheprovider 2>&1 \
+      | tee "$OUT/gpu_tests.txt" | tail -25 ;;
   bench)
     python3 benchmarks/anchor_bench.py > "$OUT/anchor_stdout.txt" 2>&1; tail -3 "$OUT/anchor_stdout.txt"
     python3 -m tnl.cli bench --model random-7b --batch-sizes 1 64 256 --prompt-len 128 --output-len 64 \
@@ -54,6 +56,10 @@ PY
     python3 -m tnl.cli bench --model random-7b --batch-sizes 1 64 256 --prompt-len 128 --output-len 64 \
       --prefill-len --context-lens --no-async-scheduling --json "$OUT/bench_sync.json" 2>&1 \
       | tee "$OUT/bench_sync.txt" | grep -v INFO ;;
+  cublas)
+    TNL_SKINNY_GEMM=0 python3 -m tnl.cli bench --model random-7b --batch-sizes 1 64 256 --prompt-len 128 \
+      --output-len 64 --prefill-len --context-lens --json "$OUT/bench_cublas.json" 2>&1 \
+      | tee "$OUT/bench_cublas.txt" | grep -v INFO ;;
   http)
     python3 -m tnl.cli bench --model random-7b --batch-sizes 64 --prompt-len 128 --output-len 128 --prefill-len \
       --context-lens --json "$OUT/bench64.json" 2>&1 | grep -v INFO | tail -3 | tee "$OUT/http.txt"

@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from tnl import kernels
 from tnl.engine.request import Request
 from tnl.engine.scheduler import ScheduledBatch
 from tnl.model.transnormer import AttnBatch, TransnormerForCausalLM
@@ -79,12 +80,15 @@ class ModelRunner:
         self._out: dict[int, torch.Tensor] = {}
         mempool = torch.cuda.graph_pool_handle()
         sizes = graph_batch_sizes(max_bs)
+        kernels.precompile_linears(self.model.linear_shapes(), sizes)
         with torch.inference_mode():
             s = torch.cuda.Stream(dev)
             s.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(s):
-                for _ in range(2):  # warm up (Triton autotune / compile) outside the capture
-                    self._decode_forward(max_bs)
+                # warm up outside the capture at every size: each size may launch its own
+                # kernels (Triton configs differ by row count), compiled and loaded here
+                for bs in [max_bs] + sizes:
+                    self._decode_forward(bs)
             torch.cuda.current_stream(dev).wait_stream(s)
             for bs in reversed(sizes):
                 g = torch.cuda.CUDAGraph()

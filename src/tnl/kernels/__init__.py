@@ -1,7 +1,11 @@
-"""Attention kernels, chosen by device: fla's chunked kernel and tnl's Triton decode kernel on CUDA
-(when installed), the plain PyTorch path (torch_ops) everywhere else.
+"""Kernels, chosen by device: fla's chunked kernel and tnl's Triton decode kernel on CUDA (when
+installed), the plain PyTorch path (torch_ops) everywhere else. Both attention entry points read
+each sequence's state from the pool and write it back in place.
 
-Both entry points read each sequence's state from the pool and write it back in place.
+`linear` runs decode-sized matmuls (a few rows against a large weight) with tnl's Triton skinny
+GEMM where a tuned table measured it faster than cuBLAS: on Hopper (sm_90) the table shipped in
+gemm_tuned_sm90.json (H100); elsewhere only with TNL_GEMM_TUNED=<json from
+benchmarks/gemm_bench.py>. TNL_SKINNY_GEMM=0 keeps cuBLAS everywhere.
 """
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import logging
 import os
 
 import torch
+import torch.nn.functional as F
 
 from tnl.kernels import torch_ops
 
@@ -17,7 +22,30 @@ log = logging.getLogger(__name__)
 _fla_chunk = None
 _triton_decode = None
 _triton_norm = None
+_skinny = None          # tnl.kernels.triton_gemm once a tuned table is loaded
 _checked = False
+SKINNY_MAX_M = 64       # rows up to which `linear` may use the skinny GEMM (the tuned range)
+TUNED_SM90 = os.path.join(os.path.dirname(__file__), "gemm_tuned_sm90.json")
+
+
+def _load_skinny_gemm() -> None:
+    global _skinny
+    if os.environ.get("TNL_SKINNY_GEMM") == "0":
+        log.info("skinny GEMM disabled by TNL_SKINNY_GEMM=0: decode matmuls use cuBLAS")
+        return
+    path = os.environ.get("TNL_GEMM_TUNED")
+    if path is None and torch.cuda.get_device_capability() == (9, 0):
+        path = TUNED_SM90
+    if path is None:
+        return
+    try:
+        from tnl.kernels import triton_gemm
+        n = triton_gemm.load_tuned(path)
+    except Exception as e:
+        log.warning("skinny GEMM unavailable (%s); decode matmuls use cuBLAS", e)
+        return
+    _skinny = triton_gemm
+    log.info("skinny GEMM: %d tuned shapes from %s", n, path)
 
 
 def _load_cuda_kernels() -> None:
@@ -39,15 +67,54 @@ def _load_cuda_kernels() -> None:
         _triton_norm = triton_rms_norm
     except Exception as e:
         log.warning("Triton decode kernel unavailable (%s); CUDA decode uses the PyTorch path", e)
+    _load_skinny_gemm()
 
 
 def backend_names(device: torch.device) -> dict[str, str]:
     """Which implementation runs prefill and decode on `device` (for logs and bench output)."""
     if device.type != "cuda":
-        return {"prefill": "torch", "decode": "torch"}
+        return {"prefill": "torch", "decode": "torch", "decode_matmul": "torch"}
     _load_cuda_kernels()
     return {"prefill": "fla.chunk_simple_gla" if _fla_chunk else "torch",
-            "decode": "triton" if _triton_decode else "torch"}
+            "decode": "triton" if _triton_decode else "torch",
+            "decode_matmul": "triton skinny GEMM where tuned, else cuBLAS" if _skinny else "cuBLAS"}
+
+
+def _use_skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if not x.is_cuda or x.dim() != 2 or x.shape[0] > SKINNY_MAX_M or x.dtype != weight.dtype:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False     # the Triton kernel has no backward
+    _load_cuda_kernels()
+    return _skinny is not None and _skinny.prefer_triton(x.shape[0], weight.shape[0], weight.shape[1])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x [T, K], as `out_dtype` (default x's). Decode-sized T on
+    CUDA goes to the skinny GEMM where the tuned table says it beats cuBLAS."""
+    if _use_skinny(x, weight):
+        return _skinny.skinny_linear(x, weight, bias, out_dtype=out_dtype)
+    y = F.linear(x, weight, bias)
+    return y if out_dtype is None or y.dtype == out_dtype else y.to(out_dtype)
+
+
+def precompile_linears(shapes: list[tuple[int, int, torch.dtype, bool, torch.dtype | None]],
+                       rows: list[int]) -> int:
+    """Compile, in parallel, the skinny-GEMM kernels that `linear` will launch for weights of
+    `shapes` ((N, K, dtype, has_bias, out_dtype)) at each row count in `rows`, so that capturing
+    CUDA graphs does not wait on one compile after another. Returns how many were queued."""
+    _load_cuda_kernels()
+    if _skinny is None:
+        return 0
+    jobs = []
+    for M in rows:
+        for N, K, dtype, has_bias, out_dtype in shapes:
+            if M <= SKINNY_MAX_M and _skinny.prefer_triton(M, N, K):
+                jobs.append((M, N, K, _skinny.choose_config(M, N, K), dtype, out_dtype or dtype, has_bias))
+    if jobs:
+        _skinny.precompile(jobs)
+    return len(jobs)
 
 
 def rms_norm(x: torch.Tensor, gate: torch.Tensor | None = None, eps: float = 1e-8) -> torch.Tensor:

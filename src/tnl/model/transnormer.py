@@ -111,7 +111,7 @@ class NormLinearAttention(nn.Module):
 
     def raw_project(self, x: torch.Tensor):
         T = x.shape[0]
-        q, k, v, u = self.qkvu_proj(x).chunk(4, dim=-1)
+        q, k, v, u = kernels.linear(x, self.qkvu_proj.weight, self.qkvu_proj.bias).chunk(4, dim=-1)
         q, k, v = (t.reshape(T, self.n_heads, self.head_dim) for t in (q, k, v))
         return q, k, v, u
 
@@ -129,7 +129,8 @@ class NormLinearAttention(nn.Module):
                                                    v[nd:], self.slope, pool, batch.prefill_slots,
                                                    batch.cu_seqlens, batch.cu_seqlens_list))
         o = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        return self.out_proj(kernels.rms_norm(o.reshape(x.shape[0], -1), gate=u))
+        return kernels.linear(kernels.rms_norm(o.reshape(x.shape[0], -1), gate=u), self.out_proj.weight,
+                              self.out_proj.bias)
 
 
 class SGLU(nn.Module):
@@ -155,8 +156,8 @@ class SGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.l12 is not None:
-            a, b = self.l12(x).chunk(2, dim=-1)
-            return self.l3(a * b)
+            a, b = kernels.linear(x, self.l12.weight, self.l12.bias).chunk(2, dim=-1)
+            return kernels.linear(a * b, self.l3.weight, self.l3.bias)
         return self.l3(self.l1(x) * self.l2(x))
 
 
@@ -229,7 +230,18 @@ class TransnormerForCausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, d] normed hidden states -> [N, V] float32 logits."""
-        return F.linear(hidden, self.head_weight).float()
+        return kernels.linear(hidden, self.head_weight, out_dtype=torch.float32)
+
+    def linear_shapes(self) -> list[tuple[int, int, torch.dtype, bool, torch.dtype | None]]:
+        """(N, K, dtype, has_bias, out_dtype) of the matmuls of a decode step (kernels.linear)."""
+        shapes = {(self.head_weight.shape[0], self.head_weight.shape[1], self.head_weight.dtype, False,
+                   torch.float32)}
+        for layer in self.model.layers:
+            mlp = layer.channel_mixer
+            mats = [layer.token_mixer.qkvu_proj, layer.token_mixer.out_proj, mlp.l3]
+            mats += [mlp.l12] if mlp.l12 is not None else [mlp.l1, mlp.l2]
+            shapes |= {(*m.weight.shape, m.weight.dtype, m.bias is not None, None) for m in mats}
+        return sorted(shapes, key=str)
 
     # ---- training -------------------------------------------------------------------------
     def forward_train(self, input_ids: torch.Tensor) -> torch.Tensor:
