@@ -244,7 +244,8 @@ class LLMEngine:
 
     def _append_token(self, r: Request, tok: int, lp: dict | None, sampled_lp: float, now: float) -> None:
         r.output_token_ids.append(tok)
-        r.cumulative_logprob += sampled_lp
+        if sampled_lp is not None:
+            r.cumulative_logprob += sampled_lp
         if r.output_logprobs is not None:
             r.output_logprobs.append(lp)
         if r.metrics.first_token_time is None:
@@ -293,14 +294,14 @@ class LLMEngine:
         lps = r.output_logprobs[sent_tokens:] if r.output_logprobs is not None else None
         out = CompletionOutput(0, text, r.output_token_ids[sent_tokens:], lps,
                                r.finish_reason if r.finished else None,
-                               r.cumulative_logprob, r.stop_reason)
+                               r.reported_cumulative_logprob, r.stop_reason)
         return RequestOutput(r.request_id, r.prompt, r.prompt_token_ids,
                              r.prompt_logprobs if first else None, [out], r.finished, r.metrics,
                              r.num_prompt, len(r.output_token_ids))
 
     def final_output(self, r: Request) -> RequestOutput:
         out = CompletionOutput(0, r.text, list(r.output_token_ids), r.output_logprobs, r.finish_reason,
-                               r.cumulative_logprob, r.stop_reason)
+                               r.reported_cumulative_logprob, r.stop_reason)
         return RequestOutput(r.request_id, r.prompt, r.prompt_token_ids, r.prompt_logprobs, [out], True,
                              r.metrics, r.num_prompt, len(r.output_token_ids))
 

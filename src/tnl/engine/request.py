@@ -33,7 +33,7 @@ class CompletionOutput:
     token_ids: list[int]
     logprobs: list[dict[int, float]] | None
     finish_reason: str | None  # None while running, then "stop" | "length" | "abort"
-    cumulative_logprob: float | None = None
+    cumulative_logprob: float | None = None   # None unless logprobs were asked for
     stop_reason: str | int | None = None  # the stop string or token id that ended it
 
 
@@ -101,6 +101,11 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    @property
+    def reported_cumulative_logprob(self) -> float | None:
+        """As vLLM reports it: only for requests that asked for logprobs."""
+        return self.cumulative_logprob if self.params.logprobs is not None else None
 
     def last_token(self) -> int:
         return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]

@@ -17,7 +17,7 @@ from tnl.engine.request import Request
 class SampleResult:
     token_ids: list[int]
     logprobs: list[dict[int, float] | None]   # per row: top-k logprobs incl. the sampled token
-    sampled_logprob: list[float]
+    sampled_logprob: list[float | None]      # None for rows that asked for no logprobs
 
 
 def _logprob_dicts(chosen: list[int], chosen_lp: list[float], vals: list[list[float]] | None,
@@ -47,12 +47,13 @@ class PendingSample:
     the work already on the stream and returns at once; `resolve()` waits for that copy only.
     Between the two the engine can launch the next step (whose input ids are `token_ids`)."""
 
-    def __init__(self, token_ids: torch.Tensor, sampled_lp: torch.Tensor,
+    def __init__(self, token_ids: torch.Tensor, sampled_lp: torch.Tensor | None,
                  top: tuple[list[int], list[int], torch.Tensor | None, torch.Tensor | None] | None):
         """top: (rows wanting logprobs, their k, top-k values [R, kmax], ids [R, kmax]); the
         tensors are None when every k is 0 (only the sampled token's logprob is wanted)."""
         self.token_ids = token_ids          # [N] long, on the device
-        self._dev = [token_ids, sampled_lp] + ([top[2], top[3]] if top is not None and top[2] is not None else [])
+        self._dev = [token_ids] + ([sampled_lp] if sampled_lp is not None else []) \
+            + ([top[2], top[3]] if top is not None and top[2] is not None else [])
         self._rows_ks = (top[0], top[1]) if top is not None else None
         self._host: list[torch.Tensor] | None = None
         self._event = None
@@ -72,7 +73,8 @@ class PendingSample:
         if self._event is not None:
             self._event.synchronize()
         host = [t.tolist() for t in self._host]
-        chosen, sampled_lp = host[0], host[1]
+        chosen = host[0]
+        sampled_lp = host[1] if len(host) > 1 else [None] * len(chosen)
         lps: list[dict[int, float] | None] = [None] * len(chosen)
         if self._rows_ks is not None:
             rows, ks = self._rows_ks
@@ -110,8 +112,10 @@ def sample(logits: torch.Tensor, reqs: list[Request]) -> PendingSample:
     waits for the device: the result stays there until `resolve()`."""
     N, V = logits.shape
     dev = logits.device
-    lse = torch.logsumexp(logits, dim=-1)          # raw distribution, before penalties
-    raw = logits.clone() if any(r.params.needs_penalties for r in reqs) else logits
+    rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
+    # logprobs are of the raw distribution, before penalties; computed only when asked for
+    lse = torch.logsumexp(logits, dim=-1) if rows else None
+    raw = logits.clone() if rows and any(r.params.needs_penalties for r in reqs) else logits
     for i, r in enumerate(reqs):
         if r.params.needs_penalties:
             apply_penalties(logits[i], r)
@@ -143,14 +147,12 @@ def sample(logits: torch.Tensor, reqs: list[Request]) -> PendingSample:
         sampled = (probs / noise).argmax(dim=-1)
         chosen = torch.where(greedy, chosen, sampled)
 
+    if not rows:
+        return PendingSample(chosen, None, None)
     chosen_lp = raw.gather(1, chosen.view(-1, 1)).squeeze(1) - lse
-    rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
-    top = None
-    if rows:
-        ks = [reqs[i].params.logprobs for i in rows]
-        sub = raw if len(rows) == N else raw[_to_device(rows, torch.long, dev)]
-        vals = ids = None
-        if max(ks) > 0:
-            vals, ids = torch.log_softmax(sub, dim=-1).topk(max(ks), dim=-1)
-        top = (rows, ks, vals, ids)
-    return PendingSample(chosen, chosen_lp, top)
+    ks = [reqs[i].params.logprobs for i in rows]
+    sub = raw if len(rows) == N else raw[_to_device(rows, torch.long, dev)]
+    vals = ids = None
+    if max(ks) > 0:
+        vals, ids = torch.log_softmax(sub, dim=-1).topk(max(ks), dim=-1)
+    return PendingSample(chosen, chosen_lp, (rows, ks, vals, ids))

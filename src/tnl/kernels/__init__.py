@@ -99,19 +99,41 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y if out_dtype is None or y.dtype == out_dtype else y.to(out_dtype)
 
 
-def precompile_linears(shapes: list[tuple[int, int, torch.dtype, bool, torch.dtype | None]],
+def _use_skinny_gated(ab: torch.Tensor, weight: torch.Tensor) -> bool:
+    if not ab.is_cuda or ab.dim() != 2 or ab.shape[0] > SKINNY_MAX_M or ab.dtype != weight.dtype:
+        return False
+    if torch.is_grad_enabled() and (ab.requires_grad or weight.requires_grad):
+        return False
+    _load_cuda_kernels()
+    # any tuned shape: the fused gate saves a kernel of its own, worth more than cuBLAS's
+    # edge where the table has one (measured up to 1.002x at 64 rows)
+    return _skinny is not None and _skinny.has_tuned(ab.shape[0], weight.shape[0], weight.shape[1])
+
+
+def gated_linear(ab: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(a * b, weight, bias) for ab = [a | b] [T, 2K]: the GLU's gate product and its
+    down projection. Decode-sized T on CUDA multiplies a * b inside the skinny GEMM's loads."""
+    if _use_skinny_gated(ab, weight):
+        return _skinny.skinny_linear(ab, weight, bias, gated=True)
+    a, b = ab.chunk(2, dim=-1)
+    return F.linear(a * b, weight, bias)
+
+
+def precompile_linears(shapes: list[tuple[int, int, torch.dtype, bool, torch.dtype | None, bool]],
                        rows: list[int]) -> int:
-    """Compile, in parallel, the skinny-GEMM kernels that `linear` will launch for weights of
-    `shapes` ((N, K, dtype, has_bias, out_dtype)) at each row count in `rows`, so that capturing
-    CUDA graphs does not wait on one compile after another. Returns how many were queued."""
+    """Compile, in parallel, the skinny-GEMM kernels that `linear` / `gated_linear` will launch
+    for weights of `shapes` ((N, K, dtype, has_bias, out_dtype, gated)) at each row count in
+    `rows`, so that capturing CUDA graphs does not wait on one compile after another. Returns
+    how many were queued."""
     _load_cuda_kernels()
     if _skinny is None:
         return 0
     jobs = []
     for M in rows:
-        for N, K, dtype, has_bias, out_dtype in shapes:
-            if M <= SKINNY_MAX_M and _skinny.prefer_triton(M, N, K):
-                jobs.append((M, N, K, _skinny.choose_config(M, N, K), dtype, out_dtype or dtype, has_bias))
+        for N, K, dtype, has_bias, out_dtype, gated in shapes:
+            use = _skinny.has_tuned(M, N, K) if gated else _skinny.prefer_triton(M, N, K)
+            if M <= SKINNY_MAX_M and use:
+                jobs.append((M, N, K, _skinny.choose_config(M, N, K), dtype, out_dtype or dtype, has_bias, gated))
     if jobs:
         _skinny.precompile(jobs)
     return len(jobs)

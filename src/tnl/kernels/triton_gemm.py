@@ -115,6 +115,16 @@ def _load_x(x_ptrs, m_ok, k_ok, EVEN_K: tl.constexpr):
 
 
 @triton.jit
+def _load_xg(x_ptrs, m_ok, k_ok, K, EVEN_K: tl.constexpr, GATED: tl.constexpr):
+    """x tile, or for a gated call (x = [a | b], rows of 2K) the tile of a * b, rounded to x's
+    dtype as the unfused `a * b` would be."""
+    x = _load_x(x_ptrs, m_ok, k_ok, EVEN_K)
+    if GATED:
+        x = (x.to(tl.float32) * _load_x(x_ptrs + K, m_ok, k_ok, EVEN_K).to(tl.float32)).to(x.dtype)
+    return x
+
+
+@triton.jit
 def _epilogue(acc, b_ptr, o_ptr, rm, rn, M, N, stride_om, HAS_BIAS: tl.constexpr):
     """acc [BLOCK_N, BLOCK_M] fp32 -> (+ bias) -> out[rm, rn] in out's dtype."""
     n_ok = rn < N
@@ -129,7 +139,8 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, o_ptr, ws_ptr, cnt_ptr, M, N, K,
                    stride_xm, stride_wn, stride_om, SPLIT_K,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    USE_DOT: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr):
+                   EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+                   GATED: tl.constexpr):
     # 1-D grid, M tile fastest (CTAs sharing a W slab run together when M > BLOCK_M), then the
     # K split, then the N tile
     pid = tl.program_id(0)
@@ -156,7 +167,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, o_ptr, ws_ptr, cnt_ptr, M, N, K,
         for kt in range(kt0, kt1):      # pipelined by the launch's num_stages (loads feed a dot)
             k_ok = (kt * BLOCK_K + rk) < K
             w = _load_w(w_ptrs, n_ok, k_ok, EVEN_N, EVEN_K)
-            x = _load_x(x_ptrs, m_ok, k_ok, EVEN_K)
+            x = _load_xg(x_ptrs, m_ok, k_ok, K, EVEN_K, GATED)
             # W tile is the MMA's A operand (BLOCK_N rows), x^T the narrow B operand
             acc = tl.dot(w, tl.trans(x), acc)
             w_ptrs += BLOCK_K
@@ -168,7 +179,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, o_ptr, ws_ptr, cnt_ptr, M, N, K,
         for kt in tl.range(kt0, kt1, num_stages=NUM_STAGES):
             k_ok = (kt * BLOCK_K + rk) < K
             w = _load_w(w_ptrs, n_ok, k_ok, EVEN_N, EVEN_K)
-            x = _load_x(x_ptrs, m_ok, k_ok, EVEN_K)
+            x = _load_xg(x_ptrs, m_ok, k_ok, K, EVEN_K, GATED)
             acc_k += w.to(tl.float32) * x.to(tl.float32)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
@@ -183,6 +194,9 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, o_ptr, ws_ptr, cnt_ptr, M, N, K,
             w = _load_w(w_ptrs, n_ok, k_ok, EVEN_N, EVEN_K).to(tl.float32)
             for m in tl.static_range(BLOCK_M):
                 xm = tl.load(x_row + m * stride_xm, mask=k_ok & (pid_m * BLOCK_M + m < M), other=0.0)
+                if GATED:
+                    xb = tl.load(x_row + m * stride_xm + K, mask=k_ok & (pid_m * BLOCK_M + m < M), other=0.0)
+                    xm = (xm.to(tl.float32) * xb.to(tl.float32)).to(xb.dtype)
                 s = tl.sum(w * xm.to(tl.float32)[None, :], axis=1)
                 acc = tl.where(cols[None, :] == m, acc + s[:, None], acc)
             w_ptrs += BLOCK_K
@@ -232,27 +246,31 @@ def _split_k(cfg: Config, K: int) -> int:
     return max(1, min(cfg.SPLIT_K, triton.cdiv(K, cfg.BLOCK_K)))
 
 
-def _meta(cfg: Config, N: int, K: int, split: int, has_bias: bool) -> dict:
+def _meta(cfg: Config, N: int, K: int, split: int, has_bias: bool, gated: bool = False) -> dict:
     """The kernel's compile-time arguments and launch options for this config and shape."""
     return dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, USE_DOT=cfg.USE_DOT,
                 SPLIT=split > 1, HAS_BIAS=has_bias, EVEN_N=N % cfg.BLOCK_N == 0, EVEN_K=K % cfg.BLOCK_K == 0,
-                NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                NUM_STAGES=cfg.num_stages, GATED=gated, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                  config: Config | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                  config: Config | None = None, out_dtype: torch.dtype | None = None,
+                  gated: bool = False) -> torch.Tensor:
     """F.linear(x, weight, bias) for few-row x: x [..., K], weight [N, K] (row-major, like
     nn.Linear.weight), bias [N] or None. fp32 accumulation; the result is in out_dtype (default
     x.dtype; float32 e.g. for lm_head logits). config: a Config, else choose_config(M, N, K).
+    gated: x is [..., 2K] = [a | b] and the product is F.linear(a * b, ...) (a GLU's gate,
+    multiplied while x is loaded instead of in a kernel of its own).
 
     One kernel launch, no host sync: safe to capture in a CUDA graph. Concurrent split-K calls on
     different streams of one device would share the arrival counters: use one stream at a time."""
     N, K = weight.shape
-    assert x.shape[-1] == K, (x.shape, weight.shape)
+    XK = 2 * K if gated else K
+    assert x.shape[-1] == XK, (x.shape, weight.shape, gated)
     assert x.dtype == weight.dtype, (x.dtype, weight.dtype)
     assert weight.stride(-1) == 1, "weight must be row-major (contiguous along K)"
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
+    x2 = x.reshape(-1, XK)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
@@ -277,7 +295,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     grid = (num_m * num_n * split,)
     _skinny_kernel[grid](x2, weight, bias if bias is not None else out, out, ws, cnt, M, N, K,
                          x2.stride(0), weight.stride(0), out.stride(0), split,
-                         **_meta(cfg, N, K, split, bias is not None))
+                         **_meta(cfg, N, K, split, bias is not None, gated))
     return out.reshape(*lead, N)
 
 
@@ -285,7 +303,7 @@ def precompile(jobs, max_workers: int | None = None) -> tuple[int, int]:
     """Compile the kernels that skinny_linear will launch for `jobs`, in parallel threads (Triton
     drops the GIL while compiling), so that first calls do not stall one compile at a time: for
     a config sweep, or before capturing CUDA graphs. jobs: iterable of
-    (M, N, K, config, dtype, out_dtype, has_bias) for contiguous x [M, K] and weight [N, K] of
+    (M, N, K, config, dtype, out_dtype, has_bias[, gated]) for contiguous x [M, K] and weight [N, K] of
     `dtype`. Returns (distinct kernels, how many failed to compile); a failed one fails again,
     with its error, at its first real call. Needs the CUDA driver; a no-op under
     TRITON_INTERPRET=1. Without triton.AsyncCompileMode (triton < 3.4) it compiles serially and
@@ -297,7 +315,8 @@ def precompile(jobs, max_workers: int | None = None) -> tuple[int, int]:
     with ThreadPoolExecutor(max_workers or min(16, os.cpu_count() or 1)) as ex:
         mode = async_cls(ex, ignore_errors=True) if async_cls else None
         with mode or contextlib.nullcontext():
-            for M, N, K, cfg, dtype, out_dtype, has_bias in jobs:
+            for M, N, K, cfg, dtype, out_dtype, has_bias, *gated in jobs:
+                gated = bool(gated and gated[0])
                 split = _split_k(cfg, K)
                 n += 1
                 try:
@@ -306,7 +325,8 @@ def precompile(jobs, max_workers: int | None = None) -> tuple[int, int]:
                     _skinny_kernel.warmup(dtype, dtype, dtype if has_bias else out_dtype, out_dtype,
                                           torch.float32 if split > 1 else out_dtype,
                                           torch.int32 if split > 1 else out_dtype,
-                                          M, N, K, K, K, N, split, grid=(1,), **_meta(cfg, N, K, split, has_bias))
+                                          M, N, K, 2 * K if gated else K, K, N, split, grid=(1,),
+                                          **_meta(cfg, N, K, split, has_bias, gated))
                 except Exception:             # serial mode: the real call reports it
                     failed += 1
     if mode is not None:
@@ -395,6 +415,11 @@ def choose_config(M: int, N: int, K: int) -> Config:
     """TUNED[(m_bucket(M), N, K)] when the benchmark filled it, else heuristic_config."""
     cfg = TUNED.get((m_bucket(M), N, K))
     return cfg if cfg is not None else heuristic_config(M, N, K)
+
+
+def has_tuned(M: int, N: int, K: int) -> bool:
+    """Whether the benchmark measured this shape (its best config is known)."""
+    return (m_bucket(M), N, K) in TUNED
 
 
 def prefer_triton(M: int, N: int, K: int, margin: float = 1.0) -> bool:

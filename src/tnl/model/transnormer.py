@@ -156,8 +156,8 @@ class SGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.l12 is not None:
-            a, b = kernels.linear(x, self.l12.weight, self.l12.bias).chunk(2, dim=-1)
-            return kernels.linear(a * b, self.l3.weight, self.l3.bias)
+            return kernels.gated_linear(kernels.linear(x, self.l12.weight, self.l12.bias), self.l3.weight,
+                                        self.l3.bias)
         return self.l3(self.l1(x) * self.l2(x))
 
 
@@ -232,15 +232,16 @@ class TransnormerForCausalLM(nn.Module):
         """[N, d] normed hidden states -> [N, V] float32 logits."""
         return kernels.linear(hidden, self.head_weight, out_dtype=torch.float32)
 
-    def linear_shapes(self) -> list[tuple[int, int, torch.dtype, bool, torch.dtype | None]]:
-        """(N, K, dtype, has_bias, out_dtype) of the matmuls of a decode step (kernels.linear)."""
-        shapes = {(self.head_weight.shape[0], self.head_weight.shape[1], self.head_weight.dtype, False,
-                   torch.float32)}
+    def linear_shapes(self) -> list[tuple[int, int, torch.dtype, bool, torch.dtype | None, bool]]:
+        """(N, K, dtype, has_bias, out_dtype, gated) of the matmuls of a decode step on the fused
+        model (kernels.linear, and kernels.gated_linear for l3)."""
+        shapes = {(*self.head_weight.shape, self.head_weight.dtype, False, torch.float32, False)}
         for layer in self.model.layers:
             mlp = layer.channel_mixer
-            mats = [layer.token_mixer.qkvu_proj, layer.token_mixer.out_proj, mlp.l3]
-            mats += [mlp.l12] if mlp.l12 is not None else [mlp.l1, mlp.l2]
-            shapes |= {(*m.weight.shape, m.weight.dtype, m.bias is not None, None) for m in mats}
+            mats = [(layer.token_mixer.qkvu_proj, False), (layer.token_mixer.out_proj, False), (mlp.l3, True)]
+            if mlp.l12 is not None:
+                mats.append((mlp.l12, False))
+            shapes |= {(*m.weight.shape, m.weight.dtype, m.bias is not None, None, g) for m, g in mats}
         return sorted(shapes, key=str)
 
     # ---- training -------------------------------------------------------------------------
