@@ -213,6 +213,40 @@ def bench_shape_m(tg, name, N, K, M, Ws, W0f, n_copies, args, dev, out_dtype) ->
     return row
 
 
+def bench_gated(tg, rows: list[dict], args, dev, l2: int) -> list[dict]:
+    """The GLU's down projection as the model runs it: F.linear(a * b, W) (cuBLAS plus the
+    elementwise product) against skinny_linear(ab, W, gated=True) with the best l3 config of
+    this run, at each M. Where gated wins decides tnl.kernels.SKINNY_GATED_MAX_M."""
+    N, K = SHAPES["l3"]
+    n_copies = max(2, math.ceil(COLD_FACTOR * l2 / (N * K * 2)))
+    W0 = torch.randn(N, K, device=dev, dtype=DTYPE) * K ** -0.5
+    Ws = [W0] + [W0.clone() for _ in range(n_copies - 1)]
+    out = []
+    print(f"\nl3 with the GLU gate (a * b) @ W.T:\n{'M':>4s} {'cuBLAS+mul us':>13s} {'gated us':>9s} {'speedup':>7s}")
+    for r in rows:
+        if r["shape"] != "l3" or "best" not in r:
+            continue
+        M, cfg = r["M"], tg.Config.from_dict(r["best"]["config"])
+        ab = torch.randn(M, 2 * K, device=dev, dtype=DTYPE)
+        ref = F.linear((ab[:, :K] * ab[:, K:]).float(), W0.float())
+
+        def unfused(i):
+            a, b = ab.chunk(2, dim=-1)
+            return F.linear(a * b, Ws[i])
+
+        def fused(i):
+            return tg.skinny_linear(ab, Ws[i], config=cfg, gated=True)
+
+        err = rel_err(fused(0), ref)
+        c_us = time_graph(unfused, n_copies, 10)[0]
+        g_us = time_graph(fused, n_copies, 10)[0]
+        rec = {"M": M, "config": cfg.to_dict(), "cublas_mul_us": c_us, "gated_us": g_us,
+               "speedup": c_us / g_us, "rel_err": err}
+        out.append(rec)
+        print(f"{M:>4d} {c_us:>13.1f} {g_us:>9.1f} {c_us / g_us:>7.3f}x  (rel_err {err:.2g})", flush=True)
+    return out
+
+
 def step_totals(rows: list[dict], ms: list[int]) -> dict:
     """Per M: the decode step's GEMM time (PER_STEP weights) for cuBLAS, best Triton per shape,
     and the best of both per shape, in us (over the shapes that were run; triton_us is None when
@@ -344,6 +378,10 @@ def main() -> None:
     except RuntimeError as e:
         save()
         sys.exit(f"gemm_bench: stopped: {e}")
+
+    if "l3" in args.shapes:
+        result["gated"] = bench_gated(tg, result["rows"], args, dev, l2)
+        save()
 
     totals = step_totals(result["rows"], args.m)
     print("\ndecode step GEMM time (30 x qkvu, out_proj, l12, l3 + 1 x lm_head), us:")

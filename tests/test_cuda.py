@@ -247,45 +247,55 @@ def test_skinny_gemm_linear_matches_float64(M):
         assert used >= 3, "the sm_90 table should route most 7B decode shapes to the skinny GEMM"
 
 
-def test_engine_with_skinny_gemm_matches_cublas(monkeypatch):
-    """A 7B-wide, 2-layer model through the CUDA-graph engine with the skinny GEMM and with
-    cuBLAS only: the same greedy tokens (up to near ties) and close logprobs."""
+def test_engine_with_skinny_gemm_is_as_accurate_as_cublas(monkeypatch):
+    """A 7B-wide, 2-layer model through the CUDA-graph engine in bf16, once with the skinny GEMM
+    (split-K, the fused GLU gate, float32 logits) and once with cuBLAS only, each against the
+    same model in float32: the skinny path's logprob error is no larger than cuBLAS's."""
+    import copy
     from tnl.engine import LLMEngine, SamplingParams
     cfg = tiny_config(vocab_size=64000, decoder_embed_dim=4096, hidden_dim=4096, decoder_attention_heads=32,
                       decoder_layers=2, glu_dim=11008, linear_use_lrpe_list=[1, 0])
     with torch.device("meta"):
-        m = TransnormerForCausalLM(ModelConfig.from_dict(cfg))
-    m = m.to_empty(device=DEV).to(torch.bfloat16)
-    for layer in m.model.layers:
-        layer.token_mixer.reset_decay(m.config, DEV)
+        m32 = TransnormerForCausalLM(ModelConfig.from_dict(cfg))
+    m32 = m32.to_empty(device=DEV)
+    for layer in m32.model.layers:
+        layer.token_mixer.reset_decay(m32.config, DEV)
     gen = torch.Generator(device=DEV).manual_seed(0)
     with torch.no_grad():
-        for name, p in m.named_parameters():
-            # small embeddings: logits of a few units, where cuBLAS's bf16 logits (rounded before
-            # .float()) are within 0.01 of the skinny GEMM's float32 ones
-            p.copy_(torch.randn(p.shape, device=DEV, generator=gen) * 0.02)
-    m.fuse()
+        for p in m32.parameters():
+            p.copy_((torch.randn(p.shape, device=DEV, generator=gen) * 0.02).to(torch.bfloat16))
+    m16 = copy.deepcopy(m32).to(torch.bfloat16)
+    for m in (m32, m16):
+        m.fuse()
+        for layer in m.model.layers:
+            layer.token_mixer.reset_decay(m.config, DEV)
     prompts = [torch.randint(3, 64000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 70, 1)]
-    sp = SamplingParams(max_tokens=6, temperature=0, logprobs=3, ignore_eos=True)
+    sp = SamplingParams(max_tokens=8, temperature=0, logprobs=5, ignore_eos=True)
 
-    def run():
+    def run(m):
         eng = LLMEngine(m, None, EngineConfig(max_num_seqs=4, max_num_batched_tokens=256))
         reqs = [eng.add_request(p, sp) for p in prompts]
         while eng.has_work:
             eng.step()
         return [eng.final_output(r).outputs[0] for r in reqs]
 
+    def error(outs, ref):
+        """Largest logprob difference on the reference's tokens, up to the first divergence."""
+        worst = 0.0
+        for o, r in zip(outs, ref):
+            for i, (a, b) in enumerate(zip(o.token_ids, r.token_ids)):
+                worst = max(worst, abs(o.logprobs[i].get(b, -1e9) - r.logprobs[i][b]))
+                if a != b:
+                    break
+        return worst
+
     kernels._load_cuda_kernels()
     if kernels._skinny is None:
         pytest.skip("no tuned skinny-GEMM table for this GPU")
-    fast = run()
+    ref = run(m32)
+    fast = run(m16)
     monkeypatch.setattr(kernels, "_skinny", None)
-    slow = run()
-    for a, b in zip(slow, fast):
-        n = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), len(a.token_ids))
-        for i in range(n):
-            common = set(a.logprobs[i]) & set(b.logprobs[i])
-            assert common and max(abs(a.logprobs[i][t] - b.logprobs[i][t]) for t in common) < 0.05
-        if n < len(a.token_ids):
-            top = sorted(a.logprobs[n].values(), reverse=True)
-            assert top[0] - top[1] < 0.05, f"diverged at {n} without a near tie"
+    slow = run(m16)
+    e_fast, e_slow = error(fast, ref), error(slow, ref)
+    assert e_fast <= 1.5 * e_slow + 0.02, (e_fast, e_slow)
+    assert all(len(o.token_ids) == 8 for o in fast)

@@ -25,6 +25,7 @@ _triton_norm = None
 _skinny = None          # tnl.kernels.triton_gemm once a tuned table is loaded
 _checked = False
 SKINNY_MAX_M = 64       # rows up to which `linear` may use the skinny GEMM (the tuned range)
+SKINNY_GATED_MAX_M = int(os.environ.get("TNL_SKINNY_GATED_MAX_M", "8"))  # ... and `gated_linear`
 TUNED_SM90 = os.path.join(os.path.dirname(__file__), "gemm_tuned_sm90.json")
 
 
@@ -80,8 +81,12 @@ def backend_names(device: torch.device) -> dict[str, str]:
             "decode_matmul": "triton skinny GEMM where tuned, else cuBLAS" if _skinny else "cuBLAS"}
 
 
+_HALF = (torch.bfloat16, torch.float16)   # float32 stays with cuBLAS (tl.dot would round to tf32)
+
+
 def _use_skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    if not x.is_cuda or x.dim() != 2 or x.shape[0] > SKINNY_MAX_M or x.dtype != weight.dtype:
+    if not x.is_cuda or x.dim() != 2 or x.shape[0] > SKINNY_MAX_M or x.dtype != weight.dtype \
+            or x.dtype not in _HALF:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False     # the Triton kernel has no backward
@@ -100,13 +105,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def _use_skinny_gated(ab: torch.Tensor, weight: torch.Tensor) -> bool:
-    if not ab.is_cuda or ab.dim() != 2 or ab.shape[0] > SKINNY_MAX_M or ab.dtype != weight.dtype:
+    if not ab.is_cuda or ab.dim() != 2 or ab.shape[0] > SKINNY_GATED_MAX_M or ab.dtype != weight.dtype \
+            or ab.dtype not in _HALF:
         return False
     if torch.is_grad_enabled() and (ab.requires_grad or weight.requires_grad):
         return False
     _load_cuda_kernels()
     # any tuned shape: the fused gate saves a kernel of its own, worth more than cuBLAS's
-    # edge where the table has one (measured up to 1.002x at 64 rows)
+    # edge where the table has one; but every CTA re-reads both halves of x, which at many
+    # rows costs more than that kernel (measured at 64 rows: 58 us vs 38 + 4 us)
     return _skinny is not None and _skinny.has_tuned(ab.shape[0], weight.shape[0], weight.shape[1])
 
 
@@ -131,8 +138,9 @@ def precompile_linears(shapes: list[tuple[int, int, torch.dtype, bool, torch.dty
     jobs = []
     for M in rows:
         for N, K, dtype, has_bias, out_dtype, gated in shapes:
-            use = _skinny.has_tuned(M, N, K) if gated else _skinny.prefer_triton(M, N, K)
-            if M <= SKINNY_MAX_M and use:
+            use = M <= SKINNY_GATED_MAX_M and _skinny.has_tuned(M, N, K) if gated \
+                else M <= SKINNY_MAX_M and _skinny.prefer_triton(M, N, K)
+            if use:
                 jobs.append((M, N, K, _skinny.choose_config(M, N, K), dtype, out_dtype or dtype, has_bias, gated))
     if jobs:
         _skinny.precompile(jobs)
