@@ -73,6 +73,8 @@ PY
         --prompt-len 128 --output-len 128 --json "$OUT/serve_load_$mode.json" 2>&1 | tee -a "$OUT/http.txt"
       kill -TERM $SP; wait $SP
     done ;;
+  statekernel)
+    python3 benchmarks/decode_kernel_bench.py --batch 1 64 256 2>&1 | tee "$OUT/decode_kernel.txt" ;;
   gemm)
     python3 benchmarks/gemm_bench.py ${GEMM_ARGS:-} --json "$OUT/gemm.json" 2>&1 | tee "$OUT/gemm.txt" | tail -60 ;;
   profile)

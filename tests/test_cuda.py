@@ -250,7 +250,7 @@ def test_skinny_gemm_linear_matches_float64(M):
 def test_engine_with_skinny_gemm_is_as_accurate_as_cublas(monkeypatch):
     """A 7B-wide, 2-layer model through the CUDA-graph engine in bf16, once with the skinny GEMM
     (split-K, the fused GLU gate, float32 logits) and once with cuBLAS only, each against the
-    same model in float32: the skinny path's logprob error is no larger than cuBLAS's."""
+    same model in float32 on the CPU: the skinny path's logprob error is no larger than cuBLAS's."""
     import copy
     from tnl.engine import LLMEngine, SamplingParams
     cfg = tiny_config(vocab_size=64000, decoder_embed_dim=4096, hidden_dim=4096, decoder_attention_heads=32,
@@ -265,10 +265,11 @@ def test_engine_with_skinny_gemm_is_as_accurate_as_cublas(monkeypatch):
         for p in m32.parameters():
             p.copy_((torch.randn(p.shape, device=DEV, generator=gen) * 0.02).to(torch.bfloat16))
     m16 = copy.deepcopy(m32).to(torch.bfloat16)
+    m32 = m32.cpu()          # the float32 reference runs the plain PyTorch path on the CPU
     for m in (m32, m16):
         m.fuse()
         for layer in m.model.layers:
-            layer.token_mixer.reset_decay(m.config, DEV)
+            layer.token_mixer.reset_decay(m.config, m.head_weight.device)
     prompts = [torch.randint(3, 64000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 70, 1)]
     sp = SamplingParams(max_tokens=8, temperature=0, logprobs=5, ignore_eos=True)
 

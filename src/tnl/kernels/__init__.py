@@ -25,7 +25,7 @@ _triton_norm = None
 _skinny = None          # tnl.kernels.triton_gemm once a tuned table is loaded
 _checked = False
 SKINNY_MAX_M = 64       # rows up to which `linear` may use the skinny GEMM (the tuned range)
-SKINNY_GATED_MAX_M = int(os.environ.get("TNL_SKINNY_GATED_MAX_M", "8"))  # ... and `gated_linear`
+SKINNY_GATED_MAX_M = 32  # ... and `gated_linear` (gemm_bench, H100: 1.13x at 1-16 rows, 1.01x at 32, 0.73x at 64)
 TUNED_SM90 = os.path.join(os.path.dirname(__file__), "gemm_tuned_sm90.json")
 
 
@@ -113,7 +113,7 @@ def _use_skinny_gated(ab: torch.Tensor, weight: torch.Tensor) -> bool:
     _load_cuda_kernels()
     # any tuned shape: the fused gate saves a kernel of its own, worth more than cuBLAS's
     # edge where the table has one; but every CTA re-reads both halves of x, which at many
-    # rows costs more than that kernel (measured at 64 rows: 58 us vs 38 + 4 us)
+    # rows costs more than that kernel (measured at 64 rows: 59 us vs 43 us)
     return _skinny is not None and _skinny.has_tuned(ab.shape[0], weight.shape[0], weight.shape[1])
 
 

@@ -52,13 +52,15 @@ def _recurrent_step_kernel(q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, pool_ptr, slot
     tl.store(o_ptr + b * stride_ob + h * stride_oh + rv, o.to(o_ptr.dtype.element_ty), mask=mv)
 
 
-def recurrent_step_triton(q, k, v, decay, pool, slots, features: bool = False, theta=None, positions=None):
+def recurrent_step_triton(q, k, v, decay, pool, slots, features: bool = False, theta=None, positions=None,
+                          block_v: int | None = None, num_warps: int = 4):
     """Same contract as torch_ops.recurrent_step: q, k [B, H, dk]; v [B, H, dv]; decay [H] f32;
     pool [S, H, dk, dv] f32 contiguous; slots [B] long. Returns o [B, H, dv] in v's dtype.
 
     With features=True, q and k are the raw projections [B, H, dh]: the kernel applies silu and,
     when theta [H, 1, dh] is given, LRPE at `positions` [B] (then dk = 2 dh), rounding to the
-    input dtype after each step as the unfused torch path does."""
+    input dtype after each step as the unfused torch path does. block_v / num_warps override the
+    launch shape (benchmarks/decode_kernel_bench.py sweeps them)."""
     B, H, DH = q.shape
     DK = 2 * DH if (features and theta is not None) else DH
     DV = v.shape[-1]
@@ -66,7 +68,7 @@ def recurrent_step_triton(q, k, v, decay, pool, slots, features: bool = False, t
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
     o = torch.empty(B, H, DV, dtype=v.dtype, device=v.device)
     BK = triton.next_power_of_2(DK)
-    BV = max(16, min(triton.next_power_of_2(DV), 8192 // BK))
+    BV = block_v or max(16, min(triton.next_power_of_2(DV), 8192 // BK))
     grid = (B, H, triton.cdiv(DV, BV))
     assert pool.shape[2] == DK, (pool.shape, DK)
     th = theta.reshape(-1) if theta is not None else decay
@@ -75,7 +77,7 @@ def recurrent_step_triton(q, k, v, decay, pool, slots, features: bool = False, t
                                  q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                                  o.stride(0), o.stride(1), pool.stride(0), pool.stride(1), pool.stride(2),
                                  DH=DH, DK=DK, DV=DV, BK=BK, BV=BV, FEATURES=features, LRPE=theta is not None,
-                                 num_warps=4)
+                                 num_warps=num_warps)
     return o
 
 
