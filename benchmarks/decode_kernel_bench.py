@@ -44,15 +44,12 @@ def main() -> None:
         q, k, v = (torch.randn(B, H, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
         decay = torch.rand(H, device=dev)
         nbytes = 2 * B * H * D * D * 4
-        ref = None
         for bv in (16, 32, 64, 128):
             for warps in (1, 2, 4, 8):
                 fn = lambda: recurrent_step_triton(q, k, v, decay, pool, slots, features=True,  # noqa: E731
                                                    block_v=bv, num_warps=warps)
                 ms = time_ms(fn)
-                o = fn()
-                ref = o if ref is None else ref
-                ok = torch.allclose(o.float(), ref.float(), rtol=0, atol=float("inf")) and torch.isfinite(o).all()
+                ok = bool(torch.isfinite(fn()).all())   # (correctness: tests/test_cuda.py)
                 print(f"B {B:4d} BV {bv:4d} warps {warps}: {1e3 * ms:8.1f} us  {nbytes / ms / 1e6:7.0f} GB/s "
                       f"({nbytes / ms / 1e6 / copy:.2f} of copy){'' if ok else '  BAD OUTPUT'}", flush=True)
 
