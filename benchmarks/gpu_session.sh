@@ -63,14 +63,19 @@ PY
   http)
     python3 -m tnl.cli bench --model random-7b --batch-sizes 64 --prompt-len 128 --output-len 128 --prefill-len \
       --context-lens --json "$OUT/bench64.json" 2>&1 | grep -v INFO | tail -3 | tee "$OUT/http.txt"
+    echo "== offline engine, the same 256 requests queued at once (prefill included)" | tee -a "$OUT/http.txt"
+    python3 benchmarks/offline_workload.py --requests 256 --max-num-seqs 64 --prompt-len 128 --output-len 128 \
+      --json "$OUT/offline_workload.json" 2>&1 | grep -v INFO | tee -a "$OUT/http.txt"
     for mode in ${HTTP_MODES:-async}; do
       flag=--async-scheduling; [ "$mode" = sync ] && flag=--no-async-scheduling
       python3 -m tnl.cli serve --model random-7b --port 8124 --max-num-seqs 64 $flag > "$OUT/serve_$mode.log" 2>&1 &
       SP=$!
       until curl -sf http://127.0.0.1:8124/health >/dev/null; do sleep 0.2; kill -0 $SP 2>/dev/null || break; done
-      echo "== tnl serve ($mode scheduling), 64 streaming clients" | tee -a "$OUT/http.txt"
-      python3 benchmarks/serve_load.py --url http://127.0.0.1:8124 --concurrency 64 --requests 256 --logprobs \
-        --prompt-len 128 --output-len 128 --json "$OUT/serve_load_$mode.json" 2>&1 | tee -a "$OUT/http.txt"
+      for rep in $(seq "${HTTP_REPEAT:-1}"); do
+        echo "== tnl serve ($mode scheduling), 64 streaming clients, run $rep" | tee -a "$OUT/http.txt"
+        python3 benchmarks/serve_load.py --url http://127.0.0.1:8124 --concurrency 64 --requests 256 --logprobs \
+          --prompt-len 128 --output-len 128 --json "$OUT/serve_load_$mode$rep.json" 2>&1 | tee -a "$OUT/http.txt"
+      done
       kill -TERM $SP; wait $SP
     done ;;
   statekernel)

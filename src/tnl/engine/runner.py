@@ -149,24 +149,34 @@ class ModelRunner:
                 if src is None:
                     src = [-1] * len(decode)
                 src[i] = row
-        if not batch.prefill and decode and self.use_graphs and len(decode) <= max(self.graphs):
+        graph_decode = bool(decode) and self.use_graphs and len(decode) <= max(self.graphs)
+        if graph_decode and not batch.prefill:
             return self._replay(decode, host_ids, src, prev_tokens), list(decode), {}
+        decode_logits = None
+        if graph_decode:
+            # decode rows through their CUDA graph, the prompt chunks eagerly after them (each
+            # sequence has its own state slot, so the two passes are independent); this keeps
+            # running streams at graph speed while new prompts are admitted
+            decode_logits = self._replay(decode, host_ids, src, prev_tokens)
+            eager_decode, host_ids, src = [], [], None
+        else:
+            eager_decode = decode
 
         prefill_spec = []
         for r, n in batch.prefill:
             host_ids.extend(r.prompt_token_ids[r.num_computed:r.num_computed + n])
             prefill_spec.append((r.slot, r.num_computed, n))
-        attn = AttnBatch.build([(r.slot, r.num_computed) for r in decode], prefill_spec, self.device)
+        attn = AttnBatch.build([(r.slot, r.num_computed) for r in eager_decode], prefill_spec, self.device)
         ids = torch.tensor(host_ids, dtype=torch.long, device=self.device)
         if src is not None:
             src_t = torch.tensor(src + [-1] * (len(host_ids) - len(src)), dtype=torch.long, device=self.device)
             _take_in_flight(ids, src_t, prev_tokens)
         hidden = self.model(ids, attn, self.pool.layers)
 
-        rows = list(range(len(decode)))
+        rows = list(range(len(eager_decode)))
         reqs = list(decode)
         prompt_logits = {}
-        off = len(decode)
+        off = len(eager_decode)
         for r, n in batch.prefill:
             if r.params.prompt_logprobs is not None:
                 prompt_logits[r.request_id] = self.model.logits(hidden[off:off + n])
@@ -175,6 +185,8 @@ class ModelRunner:
                 reqs.append(r)
             off += n
         logits = self.model.logits(hidden[rows]) if rows else hidden.new_zeros(0, 1)
+        if decode_logits is not None:
+            logits = torch.cat([decode_logits, logits]) if rows else decode_logits
         return logits, reqs, prompt_logits
 
 

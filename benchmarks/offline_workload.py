@@ -1,0 +1,60 @@
+"""The HTTP benchmark's workload run offline: N requests (random prompt ids, fixed output
+length, greedy, ignore_eos) all queued at once on an engine with --max-num-seqs slots; prints
+output tok/s over the whole run (prefill included), the baseline for benchmarks/serve_load.py.
+
+    python benchmarks/offline_workload.py --requests 256 --max-num-seqs 64 --prompt-len 128 --output-len 128
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from tnl.config import EngineConfig
+from tnl.engine import SamplingParams
+from tnl.entrypoints import build_engine
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="random-7b")
+    p.add_argument("--requests", type=int, default=256)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    eng = build_engine(a.model, engine_config=EngineConfig(max_num_seqs=a.max_num_seqs,
+                                                           max_num_batched_tokens=a.max_num_batched_tokens,
+                                                           max_waiting=a.requests + 1), progress=False)
+    V = eng.model_config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    sp = SamplingParams(max_tokens=a.output_len, temperature=0, ignore_eos=True)
+
+    def run(n):
+        reqs = [eng.add_request(torch.randint(3, V, (a.prompt_len,), generator=g).tolist(), sp) for _ in range(n)]
+        t = time.perf_counter()
+        while eng.has_work:
+            eng.step()
+        if eng.device.type == "cuda":
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+        for r in reqs:
+            eng.release(r.request_id)
+        return sum(len(r.output_token_ids) for r in reqs), wall
+
+    run(min(a.max_num_seqs, 8))   # warm-up
+    tokens, wall = run(a.requests)
+    out = {"requests": a.requests, "max_num_seqs": a.max_num_seqs, "output_tokens": tokens, "wall_s": wall,
+           "output_tok_s": tokens / wall}
+    print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
