@@ -35,9 +35,12 @@ def model_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def server(model_dir):
+    # async scheduling (the CUDA default) on the CPU too: every server test runs through it
     srv = ServerProcess(model_dir, "--max-num-seqs", "16", "--max-prompt-tokens", str(MAX_PROMPT_TOKENS),
-                        "--log-prompts")
+                        "--log-prompts", "--async-scheduling")
     srv.start()
+    with open(srv.log_path, encoding="utf-8") as f:
+        assert "async scheduling on" in f.read()
     yield srv
     code = srv.stop()
     assert code == 0, srv.log()

@@ -91,7 +91,8 @@ def test_flags_map_onto_config():
     assert cfg.cors_origins == ("http://a", "http://b", "http://c")
     assert cfg.model_name == "OpenNLPLab/TransNormerLLM-7B"  # a hub id stays whole
     ec = cfg.engine_config()
-    assert ec.max_num_seqs == 8 and ec.max_prompt_tokens == 4096
+    assert ec.max_num_seqs == 8 and ec.max_prompt_tokens == 4096 and ec.async_scheduling is None  # auto
+    assert ServerConfig.from_args(parser.parse_args(["--no-async-scheduling"])).engine_config().async_scheduling is False
     assert ServerConfig.from_args(parser.parse_args([])).port == 6006
     with pytest.raises(SystemExit):
         parser.parse_args(["--max-num-seqs", "0"])

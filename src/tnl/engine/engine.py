@@ -99,8 +99,9 @@ class LLMEngine:
         self._ids = itertools.count()
         self.async_scheduling = ec.async_scheduling if ec.async_scheduling is not None else self.device.type == "cuda"
         self._in_flight: _Step | None = None
-        log.info("engine ready: %d state slots (%.1f MB each), token budget %d, device %s",
-                 slots, self.model_config.state_bytes() / 1e6, ec.max_num_batched_tokens, self.device)
+        log.info("engine ready: %d state slots (%.1f MB each), token budget %d, device %s, async scheduling %s",
+                 slots, self.model_config.state_bytes() / 1e6, ec.max_num_batched_tokens, self.device,
+                 "on" if self.async_scheduling else "off")
 
     # ---- requests ---------------------------------------------------------------------------
     def validate_prompt(self, ids: list[int]) -> None:
