@@ -347,3 +347,15 @@ def test_async_scheduling_drops_the_token_after_a_stop(async_scheduling):
         eng.step()
     assert a.output_token_ids == g[:k + 1] and a.finish_reason == "stop"
     assert b.output_token_ids == ref_greedy(q, 4) and b.slot == a.slot
+
+
+def test_warm_up_leaves_the_engine_as_new():
+    """The start-up warm-up (run on CUDA before the engine reports ready) frees its slots,
+    restores the token budget, and leaves no trace in later requests' outputs."""
+    eng = make_engine(max_num_batched_tokens=100)
+    eng._warm_up()
+    assert eng.stats() == {"running": 0, "waiting": 0, "slots_used": 0, "slots_total": 4}
+    assert not eng.requests and not eng.has_work and eng.scheduler.max_num_batched_tokens == 100
+    p = prompts(3)[2]
+    out = run(eng, [p], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
+    assert out.outputs[0].token_ids == ref_greedy(p, 5)

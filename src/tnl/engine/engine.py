@@ -99,9 +99,30 @@ class LLMEngine:
         self._ids = itertools.count()
         self.async_scheduling = ec.async_scheduling if ec.async_scheduling is not None else self.device.type == "cuda"
         self._in_flight: _Step | None = None
+        if self.device.type == "cuda":
+            self._warm_up()
         log.info("engine ready: %d state slots (%.1f MB each), token budget %d, device %s, async scheduling %s",
                  slots, self.model_config.state_bytes() / 1e6, ec.max_num_batched_tokens, self.device,
                  "on" if self.async_scheduling else "off")
+
+    def _warm_up(self) -> None:
+        """Two short requests through every kind of step (a variable-length prefill, a step that
+        admits a prompt while another decodes, graph decode, sampling) so that the kernels'
+        first compilations happen before the engine says it is ready, not in users' requests."""
+        t0 = time.perf_counter()
+        V = self.model_config.vocab_size
+        sp = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        reqs = [self.add_request([(3 + i) % V for i in range(n)], sp, request_id=f"warm-up-{n}") for n in (37, 300)]
+        budget = self.scheduler.max_num_batched_tokens
+        self.scheduler.max_num_batched_tokens = 64   # the long prompt comes in chunks beside a decode
+        try:
+            while self.has_work:
+                self.step()
+        finally:
+            self.scheduler.max_num_batched_tokens = budget
+            for r in reqs:
+                self.release(r.request_id)
+        log.info("warm-up requests done in %.1f s", time.perf_counter() - t0)
 
     # ---- requests ---------------------------------------------------------------------------
     def validate_prompt(self, ids: list[int]) -> None:
