@@ -359,3 +359,26 @@ def test_warm_up_leaves_the_engine_as_new():
     p = prompts(3)[2]
     out = run(eng, [p], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
     assert out.outputs[0].token_ids == ref_greedy(p, 5)
+
+
+def test_async_scheduling_runs_no_row_past_max_tokens(async_scheduling):
+    """A sequence whose token in flight is its last (max_tokens) is not run again: async
+    scheduling decodes exactly as many rows as plain steps."""
+    if not async_scheduling:
+        pytest.skip("compares both modes in one run")
+    decoded = {}
+    for mode in (False, True):
+        ASYNC[0] = mode
+        eng = make_engine()
+        rows = []
+        execute = eng.runner.execute
+
+        def counting(batch, *a, **kw):
+            rows.append(len(batch.decode))
+            return execute(batch, *a, **kw)
+
+        eng.runner.execute = counting
+        outs = run(eng, prompts(3), [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (6, 1, 9)])
+        assert [len(o.outputs[0].token_ids) for o in outs] == [6, 1, 9]
+        decoded[mode] = sum(rows)
+    assert decoded[True] == decoded[False] == 5 + 0 + 8

@@ -82,6 +82,8 @@ class LLMEngine:
         slots = derive_num_slots(self.model_config, self.device, ec.max_num_seqs, ec.max_num_batched_tokens)
         ec = ec.replace(max_num_seqs=slots, max_num_batched_tokens=max(ec.max_num_batched_tokens, slots))
         self.engine_config = ec
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)   # graph capture, events and Triton launches follow the current device
         self.runner = ModelRunner(model, slots, self.device, cuda_graphs=ec.cuda_graphs)
         self.scheduler = Scheduler(slots, ec.max_num_batched_tokens, ec.max_waiting)
         eos = self.model_config.eos_token_id
@@ -233,9 +235,10 @@ class LLMEngine:
             if self.sample_vocab < logits.shape[-1]:
                 logits[:, self.sample_vocab:] = float("-inf")
             pending = sample(logits, reqs).start_copy()
-            for r in reqs:
-                r.in_flight = True
-        return _Step(reqs, pending, done)
+        step = _Step(reqs, pending, done)
+        for r in reqs:
+            r.in_flight = step
+        return step
 
     def _complete(self, step: "_Step", touched: dict[str, Request]) -> None:
         """Wait for a launched step's tokens and apply them."""
@@ -246,7 +249,8 @@ class LLMEngine:
         res = step.sample.resolve()
         now = time.monotonic()
         for i, r in enumerate(step.reqs):
-            r.in_flight = False
+            if r.in_flight is step:   # (not when a newer step, launched before this one was read, holds it)
+                r.in_flight = None
             if r.finished:   # stopped or aborted while this step ran: its token is dropped
                 continue
             self._append_token(r, res.token_ids[i], res.logprobs[i], res.sampled_logprob[i], now)
@@ -474,6 +478,8 @@ class AsyncEngine:
 
     def _loop(self) -> None:
         eng = self.engine
+        if eng.device.type == "cuda":
+            torch.cuda.set_device(eng.device)   # events, streams and graphs of this thread on the engine's GPU
         try:
             while not self._stop:
                 self._drain_inbox()

@@ -83,7 +83,7 @@ class Request:
     stop_reason: str | int | None = None
     detok: object | None = None  # IncrementalDetokenizer when a tokenizer is present
     generator: object | None = None
-    in_flight: bool = False      # a token sampled for it is still on the device (async scheduling)
+    in_flight: object | None = None   # the launched step whose token for it is still on the device (async)
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.monotonic()))
 
     @property

@@ -62,7 +62,7 @@ class PendingSample:
         if self.token_ids.is_cuda:
             self._host = [t.to("cpu", non_blocking=True) for t in self._dev]
             self._event = torch.cuda.Event()
-            self._event.record()
+            self._event.record(torch.cuda.current_stream(self.token_ids.device))   # where the copies run
         else:
             self._host = self._dev
         return self

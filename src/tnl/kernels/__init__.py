@@ -94,14 +94,12 @@ def _use_skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return _skinny is not None and _skinny.prefer_triton(x.shape[0], weight.shape[0], weight.shape[1])
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for x [T, K], as `out_dtype` (default x's). Decode-sized T on
-    CUDA goes to the skinny GEMM where the tuned table says it beats cuBLAS."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x [T, K]. Decode-sized T on CUDA goes to the skinny GEMM
+    where the tuned table says it beats cuBLAS."""
     if _use_skinny(x, weight):
-        return _skinny.skinny_linear(x, weight, bias, out_dtype=out_dtype)
-    y = F.linear(x, weight, bias)
-    return y if out_dtype is None or y.dtype == out_dtype else y.to(out_dtype)
+        return _skinny.skinny_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def _use_skinny_gated(ab: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -126,10 +124,9 @@ def gated_linear(ab: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return F.linear(a * b, weight, bias)
 
 
-def precompile_linears(shapes: list[tuple[int, int, torch.dtype, bool, torch.dtype | None, bool]],
-                       rows: list[int]) -> int:
+def precompile_linears(shapes: list[tuple[int, int, torch.dtype, bool, bool]], rows: list[int]) -> int:
     """Compile, in parallel, the skinny-GEMM kernels that `linear` / `gated_linear` will launch
-    for weights of `shapes` ((N, K, dtype, has_bias, out_dtype, gated)) at each row count in
+    for weights of `shapes` ((N, K, dtype, has_bias, gated)) at each row count in
     `rows`, so that capturing CUDA graphs does not wait on one compile after another. Returns
     how many were queued."""
     _load_cuda_kernels()
@@ -137,11 +134,11 @@ def precompile_linears(shapes: list[tuple[int, int, torch.dtype, bool, torch.dty
         return 0
     jobs = []
     for M in rows:
-        for N, K, dtype, has_bias, out_dtype, gated in shapes:
+        for N, K, dtype, has_bias, gated in shapes:
             use = M <= SKINNY_GATED_MAX_M and _skinny.has_tuned(M, N, K) if gated \
                 else M <= SKINNY_MAX_M and _skinny.prefer_triton(M, N, K)
             if use:
-                jobs.append((M, N, K, _skinny.choose_config(M, N, K), dtype, out_dtype or dtype, has_bias, gated))
+                jobs.append((M, N, K, _skinny.choose_config(M, N, K), dtype, dtype, has_bias, gated))
     if jobs:
         _skinny.precompile(jobs)
     return len(jobs)

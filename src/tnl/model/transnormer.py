@@ -230,18 +230,20 @@ class TransnormerForCausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, d] normed hidden states -> [N, V] float32 logits."""
-        return kernels.linear(hidden, self.head_weight, out_dtype=torch.float32)
+        # rounded to the weights' dtype, then float32, on every path: the skinny GEMM (up to 64
+        # rows) and cuBLAS (more rows) then give the same logits up to summation order
+        return kernels.linear(hidden, self.head_weight).float()
 
-    def linear_shapes(self) -> list[tuple[int, int, torch.dtype, bool, torch.dtype | None, bool]]:
-        """(N, K, dtype, has_bias, out_dtype, gated) of the matmuls of a decode step on the fused
-        model (kernels.linear, and kernels.gated_linear for l3)."""
-        shapes = {(*self.head_weight.shape, self.head_weight.dtype, False, torch.float32, False)}
+    def linear_shapes(self) -> list[tuple[int, int, torch.dtype, bool, bool]]:
+        """(N, K, dtype, has_bias, gated) of the matmuls of a decode step on the fused model
+        (kernels.linear, and kernels.gated_linear for l3)."""
+        shapes = {(*self.head_weight.shape, self.head_weight.dtype, False, False)}
         for layer in self.model.layers:
             mlp = layer.channel_mixer
             mats = [(layer.token_mixer.qkvu_proj, False), (layer.token_mixer.out_proj, False), (mlp.l3, True)]
             if mlp.l12 is not None:
                 mats.append((mlp.l12, False))
-            shapes |= {(*m.weight.shape, m.weight.dtype, m.bias is not None, None, g) for m, g in mats}
+            shapes |= {(*m.weight.shape, m.weight.dtype, m.bias is not None, g) for m, g in mats}
         return sorted(shapes, key=str)
 
     # ---- training -------------------------------------------------------------------------
