@@ -10,6 +10,7 @@ import argparse
 
 import torch
 
+from tnl.bench import measure_ceilings
 from tnl.kernels.triton_decode import recurrent_step_triton
 
 
@@ -32,10 +33,7 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=128)
     a = p.parse_args()
     dev = torch.device("cuda")
-    big = torch.empty(1 << 28, dtype=torch.float32, device=dev)
-    dst = torch.empty_like(big)
-    copy = 2 * big.numel() * 4 / (time_ms(lambda: dst.copy_(big), 20) / 1e3) / 1e9
-    del big, dst
+    copy = measure_ceilings(dev)["copy_GBps"]
     print(f"{torch.cuda.get_device_name()}: copy {copy:.0f} GB/s")
     H, D = a.heads, a.dim
     for B in a.batch:

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
+from tnl.bench import run_requests
 from tnl.config import EngineConfig
-from tnl.engine import SamplingParams
 from tnl.entrypoints import build_engine
 
 
@@ -30,24 +29,16 @@ def main() -> None:
     eng = build_engine(a.model, engine_config=EngineConfig(max_num_seqs=a.max_num_seqs,
                                                            max_num_batched_tokens=a.max_num_batched_tokens,
                                                            max_waiting=a.requests + 1), progress=False)
-    V = eng.model_config.vocab_size
     g = torch.Generator().manual_seed(0)
-    sp = SamplingParams(max_tokens=a.output_len, temperature=0, ignore_eos=True)
 
-    def run(n):
-        reqs = [eng.add_request(torch.randint(3, V, (a.prompt_len,), generator=g).tolist(), sp) for _ in range(n)]
-        t = time.perf_counter()
-        while eng.has_work:
-            eng.step()
-        if eng.device.type == "cuda":
-            torch.cuda.synchronize()
-        wall = time.perf_counter() - t
-        for r in reqs:
-            eng.release(r.request_id)
-        return sum(len(r.output_token_ids) for r in reqs), wall
+    def prompts(n):
+        return [torch.randint(3, eng.model_config.vocab_size, (a.prompt_len,), generator=g).tolist() for _ in range(n)]
 
-    run(min(a.max_num_seqs, 8))   # warm-up
-    tokens, wall = run(a.requests)
+    run_requests(eng, prompts(min(a.max_num_seqs, 8)), a.output_len)   # warm-up
+    r = run_requests(eng, prompts(a.requests), a.output_len)
+    # run_requests splits the run at "every request has its first token"; the whole run is both
+    wall = r["ttft_s"] + r["decode_s"]
+    tokens = r["decode_tokens"] + a.requests
     out = {"requests": a.requests, "max_num_seqs": a.max_num_seqs, "output_tokens": tokens, "wall_s": wall,
            "output_tok_s": tokens / wall}
     print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()))

@@ -84,41 +84,32 @@ def backend_names(device: torch.device) -> dict[str, str]:
 _HALF = (torch.bfloat16, torch.float16)   # float32 stays with cuBLAS (tl.dot would round to tf32)
 
 
-def _use_skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    if not x.is_cuda or x.dim() != 2 or x.shape[0] > SKINNY_MAX_M or x.dtype != weight.dtype \
-            or x.dtype not in _HALF:
+def _skinny_ok(x: torch.Tensor, weight: torch.Tensor, max_rows: int) -> bool:
+    """Whether x [T, .] @ weight may take the skinny GEMM at all: CUDA, few rows, half precision,
+    no autograd (the Triton kernel has no backward). Loads the kernels and table on first use."""
+    if not x.is_cuda or x.dim() != 2 or x.shape[0] > max_rows or x.dtype != weight.dtype or x.dtype not in _HALF:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return False     # the Triton kernel has no backward
+        return False
     _load_cuda_kernels()
-    return _skinny is not None and _skinny.prefer_triton(x.shape[0], weight.shape[0], weight.shape[1])
+    return _skinny is not None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for x [T, K]. Decode-sized T on CUDA goes to the skinny GEMM
     where the tuned table says it beats cuBLAS."""
-    if _use_skinny(x, weight):
+    if _skinny_ok(x, weight, SKINNY_MAX_M) and _skinny.prefer_triton(x.shape[0], *weight.shape):
         return _skinny.skinny_linear(x, weight, bias)
     return F.linear(x, weight, bias)
-
-
-def _use_skinny_gated(ab: torch.Tensor, weight: torch.Tensor) -> bool:
-    if not ab.is_cuda or ab.dim() != 2 or ab.shape[0] > SKINNY_GATED_MAX_M or ab.dtype != weight.dtype \
-            or ab.dtype not in _HALF:
-        return False
-    if torch.is_grad_enabled() and (ab.requires_grad or weight.requires_grad):
-        return False
-    _load_cuda_kernels()
-    # any tuned shape: the fused gate saves a kernel of its own, worth more than cuBLAS's
-    # edge where the table has one; but every CTA re-reads both halves of x, which at many
-    # rows costs more than that kernel (measured at 64 rows: 59 us vs 43 us)
-    return _skinny is not None and _skinny.has_tuned(ab.shape[0], weight.shape[0], weight.shape[1])
 
 
 def gated_linear(ab: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(a * b, weight, bias) for ab = [a | b] [T, 2K]: the GLU's gate product and its
     down projection. Decode-sized T on CUDA multiplies a * b inside the skinny GEMM's loads."""
-    if _use_skinny_gated(ab, weight):
+    # any tuned shape: the fused gate saves a kernel of its own, worth more than cuBLAS's edge
+    # where the table has one; but every CTA re-reads both halves of x, which at many rows costs
+    # more than that kernel (measured at 64 rows: 59 us vs 43 us), hence SKINNY_GATED_MAX_M
+    if _skinny_ok(ab, weight, SKINNY_GATED_MAX_M) and _skinny.has_tuned(ab.shape[0], *weight.shape):
         return _skinny.skinny_linear(ab, weight, bias, gated=True)
     a, b = ab.chunk(2, dim=-1)
     return F.linear(a * b, weight, bias)

@@ -162,20 +162,15 @@ def find_weight_files(directory: str) -> WeightFiles:
         raise CheckpointError(f"{directory}: not a directory; expected a checkpoint folder with "
                               f"{CONFIG_NAME} and weight files")
     names = sorted(os.listdir(directory))
-    if SAFE_INDEX in names:
-        return _from_index(directory, SAFE_INDEX, "safetensors")
-    if SAFE_SINGLE in names:
-        return WeightFiles("safetensors", [os.path.join(directory, SAFE_SINGLE)], None)
-    shards = _unindexed_shards(directory, names, "model", "safetensors")
-    if shards:
-        return shards
-    if BIN_INDEX in names:
-        return _from_index(directory, BIN_INDEX, "bin")
-    if BIN_SINGLE in names:
-        return WeightFiles("bin", [os.path.join(directory, BIN_SINGLE)], None)
-    shards = _unindexed_shards(directory, names, "pytorch_model", "bin")
-    if shards:
-        return shards
+    for fmt, index, single, prefix in (("safetensors", SAFE_INDEX, SAFE_SINGLE, "model"),
+                                       ("bin", BIN_INDEX, BIN_SINGLE, "pytorch_model")):
+        if index in names:
+            return _from_index(directory, index, fmt)
+        if single in names:
+            return WeightFiles(fmt, [os.path.join(directory, single)], None)
+        shards = _unindexed_shards(directory, names, prefix, fmt)
+        if shards:
+            return shards
     shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "") if names else "nothing"
     raise CheckpointError(
         f"{directory}: no weight files. Expected {SAFE_SINGLE}, model-0000k-of-0000n.safetensors + "

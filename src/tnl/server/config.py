@@ -79,34 +79,28 @@ class ServerConfig:
         return cls(**vals)
 
 
-def _positive_int(text: str) -> int:
+def _checked(text: str, cast, expected: str, ok, out_of_range: str):
+    """argparse type: cast(text), else 'expected <expected>, got <text>'; then ok(value), else
+    out_of_range formatted with {value} and {text}."""
     try:
-        value = int(text)
+        value = cast(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(out_of_range.format(value=value, text=text))
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _checked(text, int, "a positive integer", lambda v: v >= 1, "expected a positive integer, got {value}")
 
 
 def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be in [0, 65535], got {value}")
-    return value
+    return _checked(text, int, "a port number", lambda v: 0 <= v <= 65535, "port must be in [0, 65535], got {value}")
 
 
 def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text}")
-    return value
+    return _checked(text, float, "seconds", lambda v: v >= 0, "expected seconds >= 0, got {text}")
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
