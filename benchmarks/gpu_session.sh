@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_session.sh tests bench sync profile http gemm   # or: serve, demo
 # Phases: tests (tests/test_cuda.py, test_triton_gemm.py), bench (anchor_bench + tnl bench),
 # sync (tnl bench with --no-async-scheduling, the A/B), cublas (tnl bench with TNL_SKINNY_GEMM=0,
-# the A/B of the Triton decode matmuls), profile, http (offline batch 64 then `tnl serve` under 64
+# the A/B of the Triton decode matmuls), ab (fused decode layers and PDL on/off: AB_COMBOS,
+# AB_REPEAT, AB_BATCH), profile, http (offline batch 64 then `tnl serve` under 64
 # streaming clients, same call), serve (load from disk + start-up + HTTP), gemm (kernel sweep),
 # demo (train the demo model).
 set -u
@@ -77,6 +78,18 @@ PY
           --prompt-len 128 --output-len 128 --json "$OUT/serve_load_$mode$rep.json" 2>&1 | tee -a "$OUT/http.txt"
       done
       kill -TERM $SP; wait $SP
+    done ;;
+  ab)
+    # A/B of the fused decode layers and programmatic dependent launch, alternating runs
+    IFS=';' read -ra combos <<< "${AB_COMBOS:-default;TNL_PDL=0;TNL_FUSED_DECODE=0;TNL_PDL=0 TNL_FUSED_DECODE=0}"
+    for rep in $(seq "${AB_REPEAT:-1}"); do
+      for combo in "${combos[@]}"; do
+        echo "== $combo (round $rep)" | tee -a "$OUT/ab.txt"
+        # shellcheck disable=SC2046
+        env $([ "$combo" = default ] || echo "$combo") python3 -m tnl.cli bench --model random-7b \
+          --batch-sizes ${AB_BATCH:-1 64} --prompt-len 128 --output-len ${AB_OUTPUT_LEN:-128} --prefill-len \
+          --context-lens 2>&1 | grep -v INFO | tee -a "$OUT/ab.txt"
+      done
     done ;;
   statekernel)
     python3 benchmarks/decode_kernel_bench.py --batch 1 64 256 2>&1 | tee "$OUT/decode_kernel.txt" ;;

@@ -246,6 +246,39 @@ def test_skinny_gemm_linear_matches_float64(M):
         assert used >= 3, "the sm_90 table should route most 7B decode shapes to the skinny GEMM"
 
 
+@pytest.mark.parametrize("M", [1, 3, 32])
+def test_fused_decode_linears_match_float64(M):
+    """kernels.fused_linear as the fused decode layer calls it on the 7B shapes (srms inside
+    qkvu / l12; u * srms(o) and the residual add inside out_proj; the GLU gate and the residual
+    add inside l3), with programmatic dependent launch on sm_90, against float64."""
+    g = torch.Generator(device=DEV).manual_seed(10 + M)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, device=DEV, generator=g) * scale).to(torch.bfloat16)
+
+    def srms(t):
+        return t / (t.norm(dim=-1, keepdim=True) / t.shape[-1] ** 0.5 + 1e-8)
+
+    x = rnd(M, 4096, scale=5.0)
+    for name, kw in (("qkvu", {}), ("l12", {})):
+        w = rnd(*SHAPES_7B[name], scale=0.02)
+        got = kernels.fused_linear(x, w, norm=True, **kw)
+        assert rel_err(got.double(), srms(x.double()) @ w.double().T) < 4e-3, name
+    qkvu = rnd(M, 16384)
+    o, u = rnd(M, 4096, scale=3.0), qkvu[:, 12288:]
+    w, r = rnd(4096, 4096, scale=0.02), rnd(M, 4096)
+    want = r.double() + (u.double() * srms(o.double())) @ w.double().T
+    got = kernels.fused_linear(o, w, norm=True, gate=u, residual=r)
+    assert got.data_ptr() == r.data_ptr() and rel_err(got.double(), want) < 4e-3
+    ab, w, r = rnd(M, 2 * 11008), rnd(4096, 11008, scale=0.02), rnd(M, 4096)
+    want = r.double() + (ab[:, :11008].double() * ab[:, 11008:].double()) @ w.double().T
+    got = kernels.fused_linear(ab, w, gated=True, residual=r)
+    assert rel_err(got.double(), want) < 4e-3
+    if torch.cuda.get_device_capability() == (9, 0):
+        assert kernels.fused_decode_ok(x, [rnd(16384, 4096), rnd(4096, 4096), rnd(22016, 4096),
+                                           rnd(4096, 11008)]), "the sm_90 table covers the 7B layer"
+
+
 def test_engine_with_skinny_gemm_is_as_accurate_as_cublas(monkeypatch):
     """A 7B-wide, 2-layer model through the CUDA-graph engine in bf16, once with the skinny GEMM
     (split-K, the fused GLU gate) and once with cuBLAS only, each against the

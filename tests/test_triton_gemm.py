@@ -116,6 +116,44 @@ def test_gated_multiplies_the_two_halves_while_loading(name, cfg, M):
     assert _err(out, _ref(a * bb, w, b)) < _tol(dtype)
 
 
+@pytest.mark.parametrize("M", [1, 3, 16])
+@pytest.mark.parametrize("name,cfg", CONFIGS, ids=[c[0] for c in CONFIGS])
+@pytest.mark.parametrize("fusion", ["norm", "norm+gate+residual", "gated+residual"])
+def test_fused_norm_gate_residual(fusion, name, cfg, M):
+    """The decode layer's fusions: norm=True is F.linear(srms(x)) (srms's per-row scale summed
+    over K inside the kernel, across K splits too), gate multiplies a separate strided tensor in,
+    residual=r returns r + out written into r in place."""
+    if INTERPRET and not cfg.USE_DOT and M > 4:
+        pytest.skip("slow in the interpreter")
+    dtype = _dtype(cfg)
+    K, N = 200, 100
+    x, w, b = _inputs(M, N, K, dtype, seed=6)
+    x = x * 3 + 1                          # a row scale far from 1: the norm must matter
+    ref_in = x.double()
+    kwargs = {}
+    if "norm" in fusion:
+        kwargs["norm"] = True
+        ref_in = ref_in / (ref_in.norm(dim=-1, keepdim=True) / K ** 0.5 + 1e-8)
+    if "+gate" in fusion:
+        wide = torch.randn(M, 3 * K, generator=torch.Generator().manual_seed(7)).to(dtype).to(DEV)
+        kwargs["gate"] = wide[:, K:2 * K]  # a strided view, like u inside the qkvu output
+        ref_in = ref_in * kwargs["gate"].double()
+    if fusion.startswith("gated"):
+        ab = torch.randn(M, 2 * K, generator=torch.Generator().manual_seed(8)).to(dtype).to(DEV)
+        x, ref_in = ab, ab[:, :K].double() * ab[:, K:].double()
+        kwargs["gated"] = True
+    ref = ref_in @ w.double().T + b.double()
+    if "residual" in fusion:
+        r = torch.randn(M, N, generator=torch.Generator().manual_seed(9)).to(dtype).to(DEV)
+        ref = ref + r.double()
+        kwargs["residual"] = r
+    out = skinny_linear(x, w, b, config=cfg, **kwargs)
+    assert out.shape == (M, N) and out.dtype == dtype
+    assert _err(out, ref) < _tol(dtype), _err(out, ref)
+    if "residual" in fusion:
+        assert out.data_ptr() == r.data_ptr() and torch.equal(out, r)
+
+
 @pytest.mark.parametrize("name,cfg", CONFIGS, ids=[c[0] for c in CONFIGS])
 def test_fp32_out_even_shape_no_bias(name, cfg):
     # N, K multiples of every block (the unmasked EVEN_N / EVEN_K loads); float32 logits

@@ -26,6 +26,10 @@ _skinny = None          # tnl.kernels.triton_gemm once a tuned table is loaded
 _checked = False
 SKINNY_MAX_M = 64       # rows up to which `linear` may use the skinny GEMM (the tuned range)
 SKINNY_GATED_MAX_M = 32  # ... and `gated_linear` (gemm_bench, H100: 1.13x at 1-16 rows, 1.01x at 32, 0.73x at 64)
+FUSED_MAX_M = 32        # rows up to which a forward may run the fused decode layers (see fused_linear)
+# TNL_FUSED_DECODE: "auto" (fused decode layers where the skinny GEMM is tuned), "0" (never),
+# "1" (always, with the PyTorch fallback where there is no kernel: for tests on the CPU)
+FUSED_DECODE = os.environ.get("TNL_FUSED_DECODE", "auto")
 TUNED_SM90 = os.path.join(os.path.dirname(__file__), "gemm_tuned_sm90.json")
 
 
@@ -49,6 +53,14 @@ def _load_skinny_gemm() -> None:
     log.info("skinny GEMM: %d tuned shapes from %s", n, path)
 
 
+def _pdl_wanted() -> bool:
+    """Programmatic dependent launch for tnl's Triton kernels: on sm_90+ unless TNL_PDL=0. Each
+    kernel then lets the next one be scheduled while it runs, and waits (griddepcontrol.wait)
+    before its first memory access until the previous kernel has finished: launch latency hidden
+    between the ~150 small kernels of a decode step."""
+    return os.environ.get("TNL_PDL") != "0" and torch.cuda.get_device_capability() >= (9, 0)
+
+
 def _load_cuda_kernels() -> None:
     global _fla_chunk, _triton_decode, _triton_norm, _checked
     if _checked:
@@ -63,12 +75,15 @@ def _load_cuda_kernels() -> None:
     except Exception as e:  # fla-core is optional: the [cuda] extra
         log.warning("fla-core not importable (%s); CUDA prefill uses the PyTorch path", e)
     try:
-        from tnl.kernels.triton_decode import recurrent_step_triton, rms_norm as triton_rms_norm
-        _triton_decode = recurrent_step_triton
-        _triton_norm = triton_rms_norm
+        from tnl.kernels import triton_decode
+        triton_decode.PDL = _pdl_wanted()
+        _triton_decode = triton_decode.recurrent_step_triton
+        _triton_norm = triton_decode.rms_norm
     except Exception as e:
         log.warning("Triton decode kernel unavailable (%s); CUDA decode uses the PyTorch path", e)
     _load_skinny_gemm()
+    if _skinny is not None:
+        _skinny.PDL = _pdl_wanted()
 
 
 def backend_names(device: torch.device) -> dict[str, str]:
@@ -115,21 +130,67 @@ def gated_linear(ab: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return F.linear(a * b, weight, bias)
 
 
-def precompile_linears(shapes: list[tuple[int, int, torch.dtype, bool, bool]], rows: list[int]) -> int:
-    """Compile, in parallel, the skinny-GEMM kernels that `linear` / `gated_linear` will launch
-    for weights of `shapes` ((N, K, dtype, has_bias, gated)) at each row count in
-    `rows`, so that capturing CUDA graphs does not wait on one compile after another. Returns
-    how many were queued."""
+def fused_decode_ok(x: torch.Tensor, weights: list[torch.Tensor]) -> bool:
+    """Whether a forward over x [T, d] runs the fused decode layers (fused_linear for every matmul
+    of the layer, no norm kernels): up to FUSED_MAX_M rows where the skinny GEMM has a tuned
+    config for each of `weights` (one layer's qkvu, out_proj, l12, l3); TNL_FUSED_DECODE=0 / 1
+    turns it off / forces it."""
+    if FUSED_DECODE in ("0", "1"):
+        return FUSED_DECODE == "1"
+    return _skinny_ok(x, weights[0], FUSED_MAX_M) and all(_skinny.has_tuned(x.shape[0], *w.shape) for w in weights)
+
+
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 norm: bool = False, gate: torch.Tensor | None = None, gated: bool = False,
+                 residual: torch.Tensor | None = None, eps: float = 1e-8) -> torch.Tensor:
+    """F.linear(y, weight, bias) with y = srms(x) when `norm`, times `gate` when given (gated:
+    x = [a | b], y = a * b); with `residual`, residual += that, in place, and returned.
+    On CUDA one skinny-GEMM launch does all of it (the norm is a per-row scale, summed over K
+    while x streams through); elsewhere the same math in PyTorch, rounded as the unfused layer is."""
+    if _skinny_ok(x, weight, FUSED_MAX_M) and _skinny.has_tuned(x.shape[0], *weight.shape):
+        return _skinny.skinny_linear(x, weight, bias, norm=norm, gate=gate, gated=gated, residual=residual,
+                                     eps=eps)
+    if gated:
+        x, gate = x.chunk(2, dim=-1)
+    if norm:
+        y = rms_norm(x, gate=gate, eps=eps)
+    else:
+        y = x if gate is None else x * gate
+    out = F.linear(y, weight, bias)
+    if residual is None:
+        return out
+    residual += out
+    return residual
+
+
+def _skinny_used(M: int, N: int, K: int, fused) -> bool:
+    """Whether a decode step of M rows launches the skinny GEMM for this matmul (see
+    precompile_linears for `fused`)."""
+    if isinstance(fused, dict):
+        return M <= FUSED_MAX_M and FUSED_DECODE != "0" and _skinny.has_tuned(M, N, K)
+    if M <= FUSED_MAX_M and FUSED_DECODE != "0" and fused is not None:
+        return False            # the fused decode layer runs this one
+    if fused:                   # the GLU's gated l3
+        return M <= SKINNY_GATED_MAX_M and _skinny.has_tuned(M, N, K)
+    return M <= SKINNY_MAX_M and _skinny.prefer_triton(M, N, K)
+
+
+def precompile_linears(shapes: list[tuple], rows: list[int]) -> int:
+    """Compile, in parallel, the skinny-GEMM kernels that a decode step of each row count in
+    `rows` will launch, so that capturing CUDA graphs does not wait on one compile after another.
+    shapes: (N, K, dtype, has_bias, fused) with fused None for a matmul outside the layers (the
+    head), False / True for a layer's plain / gated (l3) matmul on the unfused path, and a dict
+    of skinny_linear's fusions (triton_gemm.precompile) for its call in the fused decode layer.
+    Returns how many were queued."""
     _load_cuda_kernels()
     if _skinny is None:
         return 0
     jobs = []
     for M in rows:
-        for N, K, dtype, has_bias, gated in shapes:
-            use = M <= SKINNY_GATED_MAX_M and _skinny.has_tuned(M, N, K) if gated \
-                else M <= SKINNY_MAX_M and _skinny.prefer_triton(M, N, K)
-            if use:
-                jobs.append((M, N, K, _skinny.choose_config(M, N, K), dtype, dtype, has_bias, gated))
+        for N, K, dtype, has_bias, fused in shapes:
+            if _skinny_used(M, N, K, fused):
+                jobs.append((M, N, K, _skinny.choose_config(M, N, K), dtype, dtype, has_bias, bool(fused)
+                             if not isinstance(fused, dict) else fused))
     if jobs:
         _skinny.precompile(jobs)
     return len(jobs)

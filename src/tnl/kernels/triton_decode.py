@@ -10,13 +10,25 @@ import torch
 import triton
 import triton.language as tl
 
+PDL = False   # programmatic dependent launch (sm_90+): set by tnl.kernels on Hopper unless TNL_PDL=0
+
+
+@triton.jit
+def _pdl_start(PDL: tl.constexpr):
+    """Under programmatic dependent launch: let the next kernel be scheduled, then wait for the
+    previous one to finish (its writes visible). Call before the first memory access."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+
 
 @triton.jit
 def _recurrent_step_kernel(q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, pool_ptr, slots_ptr, theta_ptr, pos_ptr,
                            stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
                            stride_ob, stride_oh, stride_ps, stride_ph, stride_pk,
                            DH: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
-                           BV: tl.constexpr, FEATURES: tl.constexpr, LRPE: tl.constexpr):
+                           BV: tl.constexpr, FEATURES: tl.constexpr, LRPE: tl.constexpr, PDL: tl.constexpr):
+    _pdl_start(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     vb = tl.program_id(2)
@@ -77,13 +89,15 @@ def recurrent_step_triton(q, k, v, decay, pool, slots, features: bool = False, t
                                  q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                                  o.stride(0), o.stride(1), pool.stride(0), pool.stride(1), pool.stride(2),
                                  DH=DH, DK=DK, DV=DV, BK=BK, BV=BV, FEATURES=features, LRPE=theta is not None,
-                                 num_warps=num_warps)
+                                 PDL=PDL, num_warps=num_warps, launch_pdl=PDL)
     return o
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, g_ptr, y_ptr, r_ptr, stride_x, stride_g, stride_y, stride_r, N, eps,
-                     HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):
+    _pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     m = cols < N
@@ -119,5 +133,5 @@ def rms_norm(x: torch.Tensor, gate: torch.Tensor | None = None, eps: float = 1e-
     BLOCK = triton.next_power_of_2(N)
     _rms_norm_kernel[(n_rows,)](x, g, y, r, x.stride(0), g.stride(0), y.stride(0), r.stride(0), N, eps,
                                 HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None, BLOCK=BLOCK,
-                                num_warps=8 if BLOCK >= 4096 else 4)
+                                PDL=PDL, num_warps=8 if BLOCK >= 4096 else 4, launch_pdl=PDL)
     return y

@@ -115,32 +115,51 @@ def _load_x(x_ptrs, m_ok, k_ok, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _load_xg(x_ptrs, m_ok, k_ok, K, EVEN_K: tl.constexpr, GATED: tl.constexpr):
-    """x tile, or for a gated call (x = [a | b], rows of 2K) the tile of a * b, rounded to x's
-    dtype as the unfused `a * b` would be."""
+def _load_xg(x_ptrs, g_ptrs, m_ok, k_ok, EVEN_K: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr):
+    """x tile, or for a gated call the tile of x * g, rounded to x's dtype as the unfused
+    product would be; and, for a normed call, the float32 squares of x (before the gate)."""
     x = _load_x(x_ptrs, m_ok, k_ok, EVEN_K)
+    sq = x
+    if NORM:
+        sq = x.to(tl.float32) * x.to(tl.float32)
     if GATED:
-        x = (x.to(tl.float32) * _load_x(x_ptrs + K, m_ok, k_ok, EVEN_K).to(tl.float32)).to(x.dtype)
-    return x
+        x = (x.to(tl.float32) * _load_x(g_ptrs, m_ok, k_ok, EVEN_K).to(tl.float32)).to(x.dtype)
+    return x, sq
 
 
 @triton.jit
-def _epilogue(acc, b_ptr, o_ptr, rm, rn, M, N, stride_om, HAS_BIAS: tl.constexpr):
-    """acc [BLOCK_N, BLOCK_M] fp32 -> (+ bias) -> out[rm, rn] in out's dtype."""
+def _epilogue(acc, ss, K, eps, b_ptr, r_ptr, o_ptr, rm, rn, M, N, stride_rm, stride_om,
+              HAS_BIAS: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_M] fp32 -> (* srms scale of each row) (+ bias) -> out's dtype
+    (+ residual, rounded again, as `residual + out` would be) -> out[rm, rn].
+    ss [BLOCK_M]: each row's sum of squares of x over all of K (NORM)."""
     n_ok = rn < N
+    if NORM:
+        # srms(x) = x / (||x|| / sqrt(K) + eps), a per-row scalar: applied to x @ W.T
+        acc = acc * (1.0 / (tl.sqrt(ss) / tl.sqrt(K.to(tl.float32)) + eps))[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    ok = n_ok[:, None] & (rm < M)[None, :]
+    if RESIDUAL:
+        r = tl.load(r_ptr + rm[None, :].to(tl.int64) * stride_rm + rn[:, None], mask=ok, other=0.0)
+        acc = acc.to(o_ptr.dtype.element_ty).to(tl.float32) + r.to(tl.float32)
     o_ptrs = o_ptr + rm[None, :].to(tl.int64) * stride_om + rn[:, None]
-    tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=n_ok[:, None] & (rm < M)[None, :])
+    tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit(do_not_specialize=["M"])
-def _skinny_kernel(x_ptr, w_ptr, b_ptr, o_ptr, ws_ptr, cnt_ptr, M, N, K,
-                   stride_xm, stride_wn, stride_om, SPLIT_K,
+def _skinny_kernel(x_ptr, g_ptr, w_ptr, b_ptr, r_ptr, o_ptr, ws_ptr, ss_ptr, cnt_ptr, M, N, K,
+                   stride_xm, stride_gm, stride_wn, stride_rm, stride_om, SPLIT_K, eps,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    USE_DOT: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
                    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-                   GATED: tl.constexpr):
+                   GATED: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        # programmatic dependent launch: let the next kernel's CTAs be scheduled now (they
+        # wait in their own gdc_wait), and wait here until the previous kernel is complete
+        # and its writes visible; nothing below touches memory before this
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     # 1-D grid, M tile fastest (CTAs sharing a W slab run together when M > BLOCK_M), then the
     # K split, then the N tile
     pid = tl.program_id(0)
@@ -161,67 +180,92 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, o_ptr, ws_ptr, cnt_ptr, M, N, K,
     k_off = kt0 * BLOCK_K
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + (k_off + rk)[None, :]
     x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + (k_off + rk)[None, :]
+    g_ptrs = g_ptr + rm[:, None].to(tl.int64) * stride_gm + (k_off + rk)[None, :]
+    ss = tl.zeros((BLOCK_M,), dtype=tl.float32)       # NORM: sum of x^2 over this split's K
 
     if USE_DOT:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for kt in range(kt0, kt1):      # pipelined by the launch's num_stages (loads feed a dot)
             k_ok = (kt * BLOCK_K + rk) < K
             w = _load_w(w_ptrs, n_ok, k_ok, EVEN_N, EVEN_K)
-            x = _load_xg(x_ptrs, m_ok, k_ok, K, EVEN_K, GATED)
+            x, sq = _load_xg(x_ptrs, g_ptrs, m_ok, k_ok, EVEN_K, GATED, NORM)
+            if NORM:
+                ss += tl.sum(sq, axis=1)
             # W tile is the MMA's A operand (BLOCK_N rows), x^T the narrow B operand
             acc = tl.dot(w, tl.trans(x), acc)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
+            g_ptrs += BLOCK_K
     elif BLOCK_M == 1:
         # GEMV: keep per-lane partial sums over K and reduce once after the loop.
         # Loads that feed no dot are only pipelined when the loop asks for it (tl.range).
         acc_k = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        ss_k = tl.zeros((1, BLOCK_K), dtype=tl.float32)
         for kt in tl.range(kt0, kt1, num_stages=NUM_STAGES):
             k_ok = (kt * BLOCK_K + rk) < K
             w = _load_w(w_ptrs, n_ok, k_ok, EVEN_N, EVEN_K)
-            x = _load_xg(x_ptrs, m_ok, k_ok, K, EVEN_K, GATED)
+            x, sq = _load_xg(x_ptrs, g_ptrs, m_ok, k_ok, EVEN_K, GATED, NORM)
+            if NORM:
+                ss_k += sq
             acc_k += w.to(tl.float32) * x.to(tl.float32)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
+            g_ptrs += BLOCK_K
         acc = tl.sum(acc_k, axis=1)[:, None]
+        ss = tl.sum(ss_k, axis=1)
     else:
         # a few rows of x: one K reduction per row per tile, added into column m of acc
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         cols = tl.arange(0, BLOCK_M)
         x_row = x_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_xm + k_off + rk
+        g_row = g_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_gm + k_off + rk
         for kt in tl.range(kt0, kt1, num_stages=NUM_STAGES):
             k_ok = (kt * BLOCK_K + rk) < K
             w = _load_w(w_ptrs, n_ok, k_ok, EVEN_N, EVEN_K).to(tl.float32)
             for m in tl.static_range(BLOCK_M):
-                xm = tl.load(x_row + m * stride_xm, mask=k_ok & (pid_m * BLOCK_M + m < M), other=0.0)
+                row_ok = k_ok & (pid_m * BLOCK_M + m < M)
+                xm = tl.load(x_row + m * stride_xm, mask=row_ok, other=0.0)
+                if NORM:
+                    ss = tl.where(cols == m, ss + tl.sum(xm.to(tl.float32) * xm.to(tl.float32)), ss)
                 if GATED:
-                    xb = tl.load(x_row + m * stride_xm + K, mask=k_ok & (pid_m * BLOCK_M + m < M), other=0.0)
-                    xm = (xm.to(tl.float32) * xb.to(tl.float32)).to(xb.dtype)
+                    xg = tl.load(g_row + m * stride_gm, mask=row_ok, other=0.0)
+                    xm = (xm.to(tl.float32) * xg.to(tl.float32)).to(xm.dtype)
                 s = tl.sum(w * xm.to(tl.float32)[None, :], axis=1)
                 acc = tl.where(cols[None, :] == m, acc + s[:, None], acc)
             w_ptrs += BLOCK_K
             x_row += BLOCK_K
+            g_row += BLOCK_K
 
     if SPLIT:
-        # partial -> workspace [SPLIT_K, M, N] fp32; the last of the SPLIT_K CTAs of this tile
-        # (the counter's old value says who) reduces them in split order and writes out
+        # partial -> workspace [SPLIT_K, M, N] fp32 (and, NORM, the partial sums of squares ->
+        # [SPLIT_K, N tiles, M]); the last of the SPLIT_K CTAs of this tile (the counter's old
+        # value says who) reduces them in split order and writes out
         o_ok = n_ok[:, None] & m_ok[None, :]
         ws_off = rm[None, :].to(tl.int64) * N + rn[:, None]
         MN = M.to(tl.int64) * N
         tl.store(ws_ptr + pid_k * MN + ws_off, acc, mask=o_ok)
+        num_n = tl.cdiv(N, BLOCK_N)
+        if NORM:
+            tl.store(ss_ptr + (pid_k * num_n + pid_n).to(tl.int64) * M + rm, ss, mask=m_ok)
         # every thread's partial is issued before one thread's release-atomic publishes the tile
         tl.debug_barrier()
         tile = pid_n * num_m + pid_m
         arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT_K - 1:
             total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            ss_total = tl.zeros((BLOCK_M,), dtype=tl.float32)
             for s in range(0, SPLIT_K):
                 # .cg: read at L2, where the other SMs' partials are (L1 is not coherent)
                 total += tl.load(ws_ptr + s * MN + ws_off, mask=o_ok, other=0.0, cache_modifier=".cg")
-            _epilogue(total, b_ptr, o_ptr, rm, rn, M, N, stride_om, HAS_BIAS)
+                if NORM:
+                    ss_total += tl.load(ss_ptr + (s * num_n + pid_n).to(tl.int64) * M + rm, mask=m_ok,
+                                        other=0.0, cache_modifier=".cg")
+            _epilogue(total, ss_total, K, eps, b_ptr, r_ptr, o_ptr, rm, rn, M, N, stride_rm, stride_om,
+                      HAS_BIAS, NORM, RESIDUAL)
             tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")   # ready for the next call
     else:
-        _epilogue(acc, b_ptr, o_ptr, rm, rn, M, N, stride_om, HAS_BIAS)
+        _epilogue(acc, ss, K, eps, b_ptr, r_ptr, o_ptr, rm, rn, M, N, stride_rm, stride_om,
+                  HAS_BIAS, NORM, RESIDUAL)
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
@@ -246,39 +290,66 @@ def _split_k(cfg: Config, K: int) -> int:
     return max(1, min(cfg.SPLIT_K, triton.cdiv(K, cfg.BLOCK_K)))
 
 
-def _meta(cfg: Config, N: int, K: int, split: int, has_bias: bool, gated: bool = False) -> dict:
+PDL = False   # programmatic dependent launch (sm_90+): set by tnl.kernels on Hopper unless TNL_PDL=0
+
+
+def _meta(cfg: Config, N: int, K: int, split: int, has_bias: bool, gated: bool = False,
+          norm: bool = False, residual: bool = False) -> dict:
     """The kernel's compile-time arguments and launch options for this config and shape."""
     return dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, USE_DOT=cfg.USE_DOT,
                 SPLIT=split > 1, HAS_BIAS=has_bias, EVEN_N=N % cfg.BLOCK_N == 0, EVEN_K=K % cfg.BLOCK_K == 0,
-                NUM_STAGES=cfg.num_stages, GATED=gated, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                NUM_STAGES=cfg.num_stages, GATED=gated, NORM=norm, RESIDUAL=residual, PDL=PDL,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=PDL)
+
+
+def _row_major(t: torch.Tensor, K: int, what: str) -> torch.Tensor:
+    t2 = t.reshape(-1, t.shape[-1])
+    assert t2.shape[-1] == K, (what, t.shape, K)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                   config: Config | None = None, out_dtype: torch.dtype | None = None,
-                  gated: bool = False) -> torch.Tensor:
+                  gated: bool = False, gate: torch.Tensor | None = None, norm: bool = False,
+                  residual: torch.Tensor | None = None, eps: float = 1e-8) -> torch.Tensor:
     """F.linear(x, weight, bias) for few-row x: x [..., K], weight [N, K] (row-major, like
     nn.Linear.weight), bias [N] or None. fp32 accumulation; the result is in out_dtype (default
     x.dtype; float32 e.g. for lm_head logits). config: a Config, else choose_config(M, N, K).
-    gated: x is [..., 2K] = [a | b] and the product is F.linear(a * b, ...) (a GLU's gate,
-    multiplied while x is loaded instead of in a kernel of its own).
+
+    Fused on the way (each saves a kernel of its own at decode time):
+      gate: [..., K]: F.linear(x * gate, ...), multiplied while x is loaded; gated=True: x is
+        [..., 2K] = [a | b] and the gate is b (a GLU's a * b).
+      norm: SimpleRMSNorm of x first (x / (||x|| / sqrt(K) + eps), before the gate): a per-row
+        scalar, so each CTA sums x^2 over the K it reads and the output is scaled at the end.
+      residual: [..., N] in out's dtype: returns residual + out, written into `residual` in place.
 
     One kernel launch, no host sync: safe to capture in a CUDA graph. Concurrent split-K calls on
     different streams of one device would share the arrival counters: use one stream at a time."""
     N, K = weight.shape
-    XK = 2 * K if gated else K
-    assert x.shape[-1] == XK, (x.shape, weight.shape, gated)
     assert x.dtype == weight.dtype, (x.dtype, weight.dtype)
     assert weight.stride(-1) == 1, "weight must be row-major (contiguous along K)"
+    assert not (gated and gate is not None), "gated=True takes the gate from x's second half"
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, XK)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = _row_major(x, 2 * K if gated else K, "x")
     M = x2.shape[0]
-    out = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
+    if gated:
+        x2, g2 = x2[:, :K], x2[:, K:]
+    elif gate is not None:
+        g2 = _row_major(gate, K, "gate")
+        assert g2.shape[0] == M and g2.dtype == x.dtype, (gate.shape, gate.dtype, x.shape)
+    else:
+        g2 = x2
+    if residual is not None:
+        out = residual.view(-1, N)          # updated in place (a view, so it must be one already)
+        assert out.shape[0] == M and out.stride(-1) == 1, (residual.shape, M, N)
+        assert out_dtype is None or out_dtype == out.dtype
+    else:
+        out = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
     if M == 0 or N == 0:
         return out.reshape(*lead, N)
     if K == 0:
-        out.copy_(bias.expand(M, N) if bias is not None else torch.zeros_like(out))
+        zero = torch.zeros_like(out) if residual is None else out.clone()
+        out.copy_(zero + bias if bias is not None else zero)
         return out.reshape(*lead, N)
     if bias is not None:
         assert bias.shape == (N,) and bias.stride(0) == 1, bias.shape
@@ -289,13 +360,15 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     split = _split_k(cfg, K)
     if split > 1:
         ws = torch.empty((split, M, N), dtype=torch.float32, device=x.device)
+        ss = torch.empty((split, num_n, M), dtype=torch.float32, device=x.device) if norm else ws
         cnt = _counters(x.device, num_m * num_n)
     else:
-        ws, cnt = out, out                     # unused (SPLIT=False)
+        ws = ss = cnt = out                     # unused (SPLIT=False)
     grid = (num_m * num_n * split,)
-    _skinny_kernel[grid](x2, weight, bias if bias is not None else out, out, ws, cnt, M, N, K,
-                         x2.stride(0), weight.stride(0), out.stride(0), split,
-                         **_meta(cfg, N, K, split, bias is not None, gated))
+    _skinny_kernel[grid](x2, g2, weight, bias if bias is not None else out, out, out, ws, ss, cnt, M, N, K,
+                         x2.stride(0), g2.stride(0), weight.stride(0), out.stride(0), out.stride(0), split, eps,
+                         **_meta(cfg, N, K, split, bias is not None, gated or gate is not None, norm,
+                                 residual is not None))
     return out.reshape(*lead, N)
 
 
@@ -303,8 +376,9 @@ def precompile(jobs, max_workers: int | None = None) -> tuple[int, int]:
     """Compile the kernels that skinny_linear will launch for `jobs`, in parallel threads (Triton
     drops the GIL while compiling), so that first calls do not stall one compile at a time: for
     a config sweep, or before capturing CUDA graphs. jobs: iterable of
-    (M, N, K, config, dtype, out_dtype, has_bias[, gated]) for contiguous x [M, K] and weight [N, K] of
-    `dtype`. Returns (distinct kernels, how many failed to compile); a failed one fails again,
+    (M, N, K, config, dtype, out_dtype, has_bias[, fused]) for contiguous x [M, K] and weight [N, K] of
+    `dtype`; fused: True for gated=True, or a dict of skinny_linear's fusions: gated (bool),
+    gate_stride (row stride of a separate gate, 0 for none), norm (bool), residual (bool). Returns (distinct kernels, how many failed to compile); a failed one fails again,
     with its error, at its first real call. Needs the CUDA driver; a no-op under
     TRITON_INTERPRET=1. Without triton.AsyncCompileMode (triton < 3.4) it compiles serially and
     counts jobs instead of distinct kernels."""
@@ -315,18 +389,24 @@ def precompile(jobs, max_workers: int | None = None) -> tuple[int, int]:
     with ThreadPoolExecutor(max_workers or min(16, os.cpu_count() or 1)) as ex:
         mode = async_cls(ex, ignore_errors=True) if async_cls else None
         with mode or contextlib.nullcontext():
-            for M, N, K, cfg, dtype, out_dtype, has_bias, *gated in jobs:
-                gated = bool(gated and gated[0])
+            for M, N, K, cfg, dtype, out_dtype, has_bias, *fused in jobs:
+                f = fused[0] if fused else {}
+                f = f if isinstance(f, dict) else {"gated": bool(f)}
+                gated, gate_stride = f.get("gated", False), f.get("gate_stride", 0)
+                norm, residual = f.get("norm", False), f.get("residual", False)
+                x_stride = 2 * K if gated else K
                 split = _split_k(cfg, K)
                 n += 1
                 try:
                     # dtypes stand in for tensors (triton wraps them as aligned mock tensors);
                     # pointers and ints as skinny_linear passes them, so the cache keys match
-                    _skinny_kernel.warmup(dtype, dtype, dtype if has_bias else out_dtype, out_dtype,
-                                          torch.float32 if split > 1 else out_dtype,
+                    spare = torch.float32 if split > 1 else out_dtype
+                    _skinny_kernel.warmup(dtype, dtype, dtype, dtype if has_bias else out_dtype, out_dtype,
+                                          out_dtype, spare, spare,
                                           torch.int32 if split > 1 else out_dtype,
-                                          M, N, K, 2 * K if gated else K, K, N, split, grid=(1,),
-                                          **_meta(cfg, N, K, split, has_bias, gated))
+                                          M, N, K, x_stride, gate_stride or x_stride, K, N, N, split, 1e-8,
+                                          grid=(1,), **_meta(cfg, N, K, split, has_bias, gated or gate_stride > 0,
+                                                              norm, residual))
                 except Exception:             # serial mode: the real call reports it
                     failed += 1
     if mode is not None:

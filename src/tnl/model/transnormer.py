@@ -117,20 +117,25 @@ class NormLinearAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: AttnBatch, pool: torch.Tensor) -> torch.Tensor:
         q, k, v, u = self.raw_project(x)
+        o = self.attend(q, k, v, batch, pool)
+        return kernels.linear(kernels.rms_norm(o, gate=u), self.out_proj.weight, self.out_proj.bias)
+
+    def attend(self, q, k, v, batch: AttnBatch, pool: torch.Tensor) -> torch.Tensor:
+        """Raw projections q, k, v [T, H, dh] -> attention output [T, hidden] (decode tokens by
+        the recurrent step, prompt chunks by the chunked kernel), states updated in the pool."""
         nd = batch.n_decode
         parts = []
         if nd:
             parts.append(kernels.decode_attention(q[:nd], k[:nd], v[:nd], self.decay, pool, batch.decode_slots,
                                                   self.theta, batch.positions[:nd]))
-        if x.shape[0] > nd:
+        if q.shape[0] > nd:
             fm = kernels.torch_ops.feature_map
             pos = batch.positions[nd:]
             parts.append(kernels.prefill_attention(fm(q[nd:], self.theta, pos), fm(k[nd:], self.theta, pos),
                                                    v[nd:], self.slope, pool, batch.prefill_slots,
                                                    batch.cu_seqlens, batch.cu_seqlens_list))
         o = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        return kernels.linear(kernels.rms_norm(o.reshape(x.shape[0], -1), gate=u), self.out_proj.weight,
-                              self.out_proj.bias)
+        return o.reshape(q.shape[0], -1)
 
 
 class SGLU(nn.Module):
@@ -172,6 +177,24 @@ class DecoderLayer(nn.Module):
         (the next layer's input), so each residual add is fused with the norm after it."""
         h = kernels.add_rms_norm(x, self.token_mixer(h, batch, pool))
         return kernels.add_rms_norm(x, self.channel_mixer(h))
+
+    def forward_fused(self, x: torch.Tensor, batch: AttnBatch, pool: torch.Tensor) -> None:
+        """The same block for a decode-sized batch, x updated in place: every norm and residual
+        add rides in a matmul (kernels.fused_linear), so the layer is five kernels (four skinny
+        GEMMs and the recurrent step) instead of eight."""
+        tm, mlp = self.token_mixer, self.channel_mixer
+        T = x.shape[0]
+        qkvu = kernels.fused_linear(x, tm.qkvu_proj.weight, tm.qkvu_proj.bias, norm=True)
+        q, k, v, u = qkvu.chunk(4, dim=-1)
+        q, k, v = (t.reshape(T, tm.n_heads, tm.head_dim) for t in (q, k, v))
+        o = tm.attend(q, k, v, batch, pool)
+        kernels.fused_linear(o, tm.out_proj.weight, tm.out_proj.bias, norm=True, gate=u, residual=x)
+        ab = kernels.fused_linear(x, mlp.l12.weight, mlp.l12.bias, norm=True)
+        kernels.fused_linear(ab, mlp.l3.weight, mlp.l3.bias, gated=True, residual=x)
+
+    def matmul_weights(self) -> list[torch.Tensor]:
+        tm, mlp = self.token_mixer, self.channel_mixer
+        return [tm.qkvu_proj.weight, tm.out_proj.weight, mlp.l12.weight, mlp.l3.weight]
 
 
 class TransnormerModel(nn.Module):
@@ -223,6 +246,12 @@ class TransnormerForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, batch: AttnBatch, pools: list[torch.Tensor]) -> torch.Tensor:
         """Packed tokens [T] -> final-normed hidden states [T, d]. Updates the states in `pools`."""
         x = self.model.embed_tokens(input_ids) * self.model.embed_scale   # a fresh tensor: updated in place
+        layers = self.model.layers
+        if len(layers) and layers[0].channel_mixer.l12 is not None \
+                and kernels.fused_decode_ok(x, layers[0].matmul_weights()):
+            for layer, pool in zip(layers, pools):
+                layer.forward_fused(x, batch, pool)
+            return kernels.rms_norm(x)
         h = kernels.rms_norm(x)
         for layer, pool in zip(self.model.layers, pools):
             h = layer(x, h, batch, pool)
@@ -234,17 +263,24 @@ class TransnormerForCausalLM(nn.Module):
         # rows) and cuBLAS (more rows) then give the same logits up to summation order
         return kernels.linear(hidden, self.head_weight).float()
 
-    def linear_shapes(self) -> list[tuple[int, int, torch.dtype, bool, bool]]:
-        """(N, K, dtype, has_bias, gated) of the matmuls of a decode step on the fused model
-        (kernels.linear, and kernels.gated_linear for l3)."""
-        shapes = {(*self.head_weight.shape, self.head_weight.dtype, False, False)}
+    def linear_shapes(self) -> list[tuple]:
+        """(N, K, dtype, has_bias, fused) of the matmuls of a decode step on the fused model, as
+        kernels.precompile_linears takes them: the head (fused None); each layer matmul on the
+        unfused path (False; True for the gated l3) and in the fused decode layer (a dict of
+        skinny_linear's fusions)."""
+        w = self.head_weight
+        shapes = {(*w.shape, w.dtype, False, None)}
         for layer in self.model.layers:
-            mlp = layer.channel_mixer
-            mats = [(layer.token_mixer.qkvu_proj, False), (layer.token_mixer.out_proj, False), (mlp.l3, True)]
+            tm, mlp = layer.token_mixer, layer.channel_mixer
+            mats = [(tm.qkvu_proj, False, dict(norm=True)),
+                    (tm.out_proj, False, dict(norm=True, gate_stride=tm.qkvu_proj.weight.shape[0], residual=True)),
+                    (mlp.l3, True, dict(gated=True, residual=True))]
             if mlp.l12 is not None:
-                mats.append((mlp.l12, False))
-            shapes |= {(*m.weight.shape, m.weight.dtype, m.bias is not None, g) for m, g in mats}
-        return sorted(shapes, key=str)
+                mats.append((mlp.l12, False, dict(norm=True)))
+            for m, plain, fused in mats:
+                key = (*m.weight.shape, m.weight.dtype, m.bias is not None)
+                shapes |= {(*key, plain), (*key, tuple(sorted(fused.items())))}
+        return [(*s[:4], dict(s[4]) if isinstance(s[4], tuple) else s[4]) for s in sorted(shapes, key=str)]
 
     # ---- training -------------------------------------------------------------------------
     def forward_train(self, input_ids: torch.Tensor) -> torch.Tensor:
