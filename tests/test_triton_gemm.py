@@ -248,3 +248,52 @@ def test_candidates_heuristic_and_tuned_table(tmp_path):
     finally:
         tg.TUNED.clear(); tg.TUNED.update(saved[0])
         tg.TUNED_SPEEDUP.clear(); tg.TUNED_SPEEDUP.update(saved[1])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(DEV != "cuda" or torch.cuda.get_device_capability() < (9, 0),
+                    reason="programmatic dependent launch needs sm_90+")
+@pytest.mark.parametrize("prefetch", [0, 32768])
+def test_programmatic_dependent_launch_chain(monkeypatch, prefetch):
+    """With PDL each kernel lets the next start early and waits (griddepcontrol.wait) before
+    touching memory; with prefetch > 0 it first asks L2 for its W rows. A chain of dependent
+    calls (each reads the previous output; split-K, fused norm/gate/residual; K = 200 with
+    16-byte aligned rows and K = 100 without), eagerly and replayed from a CUDA graph."""
+    monkeypatch.setattr(tg, "PDL", True)
+    monkeypatch.setattr(tg, "PDL_PREFETCH", prefetch)
+    g = torch.Generator().manual_seed(11)
+    ws = [(torch.randn(200, 200, generator=g) * 200 ** -0.5).to(torch.bfloat16).to(DEV),
+          (torch.randn(100, 200, generator=g) * 200 ** -0.5).to(torch.bfloat16).to(DEV),
+          (torch.randn(200, 100, generator=g) * 100 ** -0.5).to(torch.bfloat16).to(DEV)]
+    cfgs = [Config(16, 32, 64, 3), Config(1, 16, 64, 2, USE_DOT=False), Config(2, 8, 64, 1, USE_DOT=False)]
+    x0 = torch.randn(2, 200, generator=g).to(torch.bfloat16).to(DEV)
+
+    def chain(x, fast):
+        r = x.clone()
+        for i in range(6):
+            w, cfg = ws[i % 3], cfgs[i % 3]
+            if fast:
+                y = skinny_linear(x, w, config=cfg, norm=True)
+            else:
+                xd = x.double()
+                y = ((xd / (xd.norm(dim=-1, keepdim=True) / xd.shape[-1] ** 0.5 + 1e-8)) @ w.double().T)
+                y = y.to(torch.bfloat16)
+            x = y if y.shape[-1] != 200 else y + r     # every step depends on the previous one
+        return x
+
+    want = chain(x0, False).double()
+    assert _err(chain(x0, True), want) < 3e-2
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        chain(x0, True)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    xs = x0.clone()
+    with torch.cuda.graph(graph):
+        out = chain(xs, True)
+    for seed in range(3):
+        xs.copy_(torch.randn(2, 200, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert _err(out, chain(xs, False).double()) < 3e-2

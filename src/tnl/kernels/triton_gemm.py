@@ -153,13 +153,8 @@ def _skinny_kernel(x_ptr, g_ptr, w_ptr, b_ptr, r_ptr, o_ptr, ws_ptr, ss_ptr, cnt
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    USE_DOT: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
                    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-                   GATED: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr):
-    if PDL:
-        # programmatic dependent launch: let the next kernel's CTAs be scheduled now (they
-        # wait in their own gdc_wait), and wait here until the previous kernel is complete
-        # and its writes visible; nothing below touches memory before this
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+                   GATED: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
+                   PREFETCH: tl.constexpr):
     # 1-D grid, M tile fastest (CTAs sharing a W slab run together when M > BLOCK_M), then the
     # K split, then the N tile
     pid = tl.program_id(0)
@@ -178,6 +173,21 @@ def _skinny_kernel(x_ptr, g_ptr, w_ptr, b_ptr, r_ptr, o_ptr, ws_ptr, ss_ptr, cnt
     m_ok = rm < M
     n_ok = rn < N
     k_off = kt0 * BLOCK_K
+    if PDL:
+        # programmatic dependent launch: let the next kernel's CTAs be scheduled now (they wait
+        # in their own gdc_wait); start pulling the first PREFETCH bytes of this CTA's W slab
+        # into L2 (W is never written, so this may overlap the previous kernel's tail); then
+        # wait until the previous kernel is complete and its writes visible
+        tl.extra.cuda.gdc_launch_dependents()
+        if PREFETCH > 0:
+            ELEM: tl.constexpr = w_ptr.dtype.element_ty.primitive_bitwidth // 8
+            row_bytes = (tl.minimum(kt1 * BLOCK_K, K) - k_off) * ELEM
+            row_bytes = tl.minimum(row_bytes, PREFETCH // BLOCK_N) // 16 * 16
+            rows = w_ptr + tl.minimum(rn, N - 1).to(tl.int64) * stride_wn + k_off
+            tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
+                                      [rows, tl.full([BLOCK_N], 0, tl.int32) + row_bytes],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+        tl.extra.cuda.gdc_wait()
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + (k_off + rk)[None, :]
     x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + (k_off + rk)[None, :]
     g_ptrs = g_ptr + rm[:, None].to(tl.int64) * stride_gm + (k_off + rk)[None, :]
@@ -291,14 +301,21 @@ def _split_k(cfg: Config, K: int) -> int:
 
 
 PDL = False   # programmatic dependent launch (sm_90+): set by tnl.kernels on Hopper unless TNL_PDL=0
+# with PDL: bytes of its W slab each CTA asks L2 to prefetch before waiting on the previous kernel
+PDL_PREFETCH = int(os.environ.get("TNL_PDL_PREFETCH", 32768))
 
 
 def _meta(cfg: Config, N: int, K: int, split: int, has_bias: bool, gated: bool = False,
-          norm: bool = False, residual: bool = False) -> dict:
-    """The kernel's compile-time arguments and launch options for this config and shape."""
+          norm: bool = False, residual: bool = False, w_aligned: bool | None = None) -> dict:
+    """The kernel's compile-time arguments and launch options for this config and shape.
+    w_aligned: W's start and row stride are multiples of 16 bytes (default: a contiguous
+    half-precision W, i.e. K % 8 == 0), which the L2 bulk prefetch needs."""
+    if w_aligned is None:
+        w_aligned = K % 8 == 0
     return dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, USE_DOT=cfg.USE_DOT,
                 SPLIT=split > 1, HAS_BIAS=has_bias, EVEN_N=N % cfg.BLOCK_N == 0, EVEN_K=K % cfg.BLOCK_K == 0,
                 NUM_STAGES=cfg.num_stages, GATED=gated, NORM=norm, RESIDUAL=residual, PDL=PDL,
+                PREFETCH=PDL_PREFETCH if PDL and w_aligned else 0,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=PDL)
 
 
@@ -368,7 +385,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     _skinny_kernel[grid](x2, g2, weight, bias if bias is not None else out, out, out, ws, ss, cnt, M, N, K,
                          x2.stride(0), g2.stride(0), weight.stride(0), out.stride(0), out.stride(0), split, eps,
                          **_meta(cfg, N, K, split, bias is not None, gated or gate is not None, norm,
-                                 residual is not None))
+                                 residual is not None, w_aligned=weight.data_ptr() % 16 == 0
+                                 and weight.stride(0) * weight.element_size() % 16 == 0))
     return out.reshape(*lead, N)
 
 
