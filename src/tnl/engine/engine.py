@@ -108,34 +108,22 @@ class LLMEngine:
                  "on" if self.async_scheduling else "off")
 
     def _warm_up(self) -> None:
-        """Requests through every kind of step so that first compilations, first-use kernel
-        loads and the allocator's growth happen before the engine says it is ready, not in
-        users' requests: two short ones (a variable-length prefill, a step that admits a prompt
-        while another decodes, graph decode, sampling), then a full token budget of prompts
-        from up to 16 sequences at once (the large prefill matmuls, a wide varlen batch)."""
+        """Two short requests through every kind of step (a variable-length prefill, a step that
+        admits a prompt while another decodes, graph decode, sampling) so that the kernels'
+        first compilations happen before the engine says it is ready, not in users' requests."""
         t0 = time.perf_counter()
         V = self.model_config.vocab_size
         sp = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        reqs = [self.add_request([(3 + i) % V for i in range(n)], sp, request_id=f"warm-up-{n}") for n in (37, 300)]
         budget = self.scheduler.max_num_batched_tokens
-        n_wide = max(1, min(16, self.engine_config.max_num_seqs or 16))
-        wide = max(1, budget // n_wide)
-        limit = self.engine_config.max_prompt_tokens
-        if limit is not None:
-            wide = min(wide, limit)
-        rounds = [(64, [37, 300]), (budget, [wide] * n_wide)]   # (token budget, prompt lengths)
+        self.scheduler.max_num_batched_tokens = 64   # the long prompt comes in chunks beside a decode
         try:
-            for step_budget, lengths in rounds:
-                self.scheduler.max_num_batched_tokens = step_budget
-                reqs = [self.add_request([(3 + i + j) % V for i in range(n)], sp, request_id=f"warm-up-{j}")
-                        for j, n in enumerate(lengths)]
-                try:
-                    while self.has_work:
-                        self.step()
-                finally:
-                    for r in reqs:
-                        self.release(r.request_id)
+            while self.has_work:
+                self.step()
         finally:
             self.scheduler.max_num_batched_tokens = budget
+            for r in reqs:
+                self.release(r.request_id)
         log.info("warm-up requests done in %.1f s", time.perf_counter() - t0)
 
     # ---- requests ---------------------------------------------------------------------------
