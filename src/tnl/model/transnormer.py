@@ -179,9 +179,9 @@ class DecoderLayer(nn.Module):
         return kernels.add_rms_norm(x, self.channel_mixer(h))
 
     def forward_fused(self, x: torch.Tensor, batch: AttnBatch, pool: torch.Tensor) -> None:
-        """The same block for a decode-sized batch, x updated in place: every norm and residual
-        add rides in a matmul (kernels.fused_linear), so the layer is five kernels (four skinny
-        GEMMs and the recurrent step) instead of eight."""
+        """The same block for a decode batch, x updated in place: every norm and residual add
+        rides in a matmul (kernels.fused_linear), so the layer is five kernels (four skinny
+        GEMMs and the recurrent step) instead of eight (see kernels.FUSED_MAX_M for where)."""
         tm, mlp = self.token_mixer, self.channel_mixer
         T = x.shape[0]
         qkvu = kernels.fused_linear(x, tm.qkvu_proj.weight, tm.qkvu_proj.bias, norm=True)
