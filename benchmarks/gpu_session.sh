@@ -5,7 +5,7 @@
 # Phases: tests (tests/test_cuda.py, test_triton_gemm.py), bench (anchor_bench + tnl bench),
 # sync (tnl bench with --no-async-scheduling, the A/B), cublas (tnl bench with TNL_SKINNY_GEMM=0,
 # the A/B of the Triton decode matmuls), ab (fused decode layers and PDL on/off: AB_COMBOS,
-# AB_REPEAT, AB_BATCH), profile, http (offline batch 64 then `tnl serve` under 64
+# AB_REPEAT, AB_BATCH), profile, http (offline batch 64 then `tnl serve` under 64 (HTTP_MODES, HTTP_REPEAT, HTTP_PROCS)
 # streaming clients, same call), serve (load from disk + start-up + HTTP), gemm (kernel sweep),
 # demo (train the demo model).
 set -u
@@ -73,9 +73,12 @@ PY
       SP=$!
       until curl -sf http://127.0.0.1:8124/health >/dev/null; do sleep 0.2; kill -0 $SP 2>/dev/null || break; done
       for rep in $(seq "${HTTP_REPEAT:-1}"); do
-        echo "== tnl serve ($mode scheduling), 64 streaming clients, run $rep" | tee -a "$OUT/http.txt"
-        python3 benchmarks/serve_load.py --url http://127.0.0.1:8124 --concurrency 64 --requests 256 --logprobs \
-          --prompt-len 128 --output-len 128 --json "$OUT/serve_load_$mode$rep.json" 2>&1 | tee -a "$OUT/http.txt"
+        for procs in ${HTTP_PROCS:-1}; do
+          echo "== tnl serve ($mode scheduling), 64 streaming clients in $procs process(es), run $rep" | tee -a "$OUT/http.txt"
+          python3 benchmarks/serve_load.py --url http://127.0.0.1:8124 --concurrency 64 --requests 256 --logprobs \
+            --prompt-len 128 --output-len 128 --processes "$procs" --json "$OUT/serve_load_$mode${rep}_p$procs.json" \
+            2>&1 | tee -a "$OUT/http.txt"
+        done
       done
       kill -TERM $SP; wait $SP
     done ;;

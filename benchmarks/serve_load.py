@@ -52,8 +52,10 @@ async def one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int]
     return t0, stamps
 
 
-async def run(a) -> dict:
-    rng = random.Random(0)
+async def _clients(a, seed: int, start_at: float) -> tuple[list, int, float, float]:
+    """One process's share: a.concurrency clients for a.requests requests, from start_at (a
+    time.time() shared by all processes). Returns the per-request stamps, chunks, start, end."""
+    rng = random.Random(seed)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0),
                                  limits=httpx.Limits(max_connections=a.concurrency + 8)) as client:
         models = (await client.get(a.url + "/v1/models")).json()["data"]
@@ -68,15 +70,42 @@ async def run(a) -> dict:
                 results.append(await one(client, a.url, model, prompt, a.output_len, a.api_key, a.logprobs,
                                          chunks))
 
-        t0 = time.perf_counter()
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        t0 = time.time()
         await asyncio.gather(*(task() for _ in range(a.requests)))
-        wall = time.perf_counter() - t0
+        return results, chunks[0], t0, time.time()
+
+
+def _process_share(a, seed: int, start_at: float):
+    return asyncio.run(_clients(a, seed, start_at))
+
+
+def run(a) -> dict:
+    """--processes N: the clients split over N processes (the concurrency and requests divided
+    among them), so that one Python process parsing the streams is not what limits the rate."""
+    start_at = time.time() + (2.0 if a.processes > 1 else 0.0)
+    shares = []
+    for i in range(a.processes):
+        sub = argparse.Namespace(**vars(a))
+        sub.concurrency = a.concurrency // a.processes + (i < a.concurrency % a.processes)
+        sub.requests = a.requests // a.processes + (i < a.requests % a.processes)
+        shares.append((sub, i, start_at))
+    if a.processes == 1:
+        parts = [_process_share(*shares[0])]
+    else:
+        import multiprocessing
+        with multiprocessing.get_context("spawn").Pool(a.processes) as pool:
+            parts = pool.starmap(_process_share, shares)
+    results = [r for part in parts for r in part[0]]
+    n_chunks = sum(part[1] for part in parts)
+    wall = max(part[3] for part in parts) - min(part[2] for part in parts)
+    # stamps are perf_counter() values of each process: only differences within one request are used
     ttft = [s[0] - t for t, s in results if s]
     itl = [b - a_ for _, s in results for a_, b in zip(s, s[1:])]
     tokens = sum(len(s) for _, s in results)
-    out = {"requests": a.requests, "concurrency": a.concurrency, "prompt_len": a.prompt_len,
-           "output_len": a.output_len, "wall_s": wall, "output_tokens": tokens, "output_tok_s": tokens / wall,
-           "chunks": chunks[0], "tokens_per_chunk": tokens / max(chunks[0], 1),
+    out = {"requests": a.requests, "concurrency": a.concurrency, "processes": a.processes,
+           "prompt_len": a.prompt_len, "output_len": a.output_len, "wall_s": wall, "output_tokens": tokens,
+           "output_tok_s": tokens / wall, "chunks": n_chunks, "tokens_per_chunk": tokens / max(n_chunks, 1),
            "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99), "itl_p50_ms": 1e3 * pct(itl, 50),
            "itl_p99_ms": 1e3 * pct(itl, 99), "itl_mean_ms": 1e3 * statistics.fmean(itl) if itl else float("nan")}
     return out
@@ -93,9 +122,13 @@ def main() -> None:
     p.add_argument("--api-key", default=None)
     p.add_argument("--logprobs", action="store_true",
                    help="ask for each token's logprob (needed to see tokens stream from a tokenizer-less model)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="split the clients over this many processes (see whether the client limits the rate)")
     p.add_argument("--json", default=None)
     a = p.parse_args()
-    out = asyncio.run(run(a))
+    if not 1 <= a.processes <= a.concurrency:
+        p.error("--processes must be between 1 and --concurrency")
+    out = run(a)
     for k, v in out.items():
         print(f"{k:>16}: {v:.4g}" if isinstance(v, float) else f"{k:>16}: {v}")
     if a.json:
