@@ -29,7 +29,16 @@ SKINNY_GATED_MAX_M = 32  # ... and `gated_linear` (gemm_bench, H100: 1.13x at 1-
 # rows up to which the fused decode layers run (TNL_FUSED_MAX_M to change). Measured on an H100,
 # 7B decode, tok/s fused vs unfused: batch 1 199.8 vs 194.4, 2: 362 vs 370, 4: 700 vs 742,
 # 8: 1446 vs 1443, 16: 2660 vs 2650, 32: 3948 vs 4445, 64: 6258 vs 7230 -- a win at one row only
-FUSED_MAX_M = int(os.environ.get("TNL_FUSED_MAX_M", 1))
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    try:
+        return default if value is None else max(0, int(value))
+    except ValueError:
+        log.warning("%s=%r is not a whole number; using %d", name, value, default)
+        return default
+
+
+FUSED_MAX_M = _env_int("TNL_FUSED_MAX_M", 1)
 # TNL_FUSED_DECODE: "auto" (fused decode layers where the skinny GEMM is tuned), "0" (never),
 # "1" (always, with the PyTorch fallback where there is no kernel: for tests on the CPU)
 FUSED_DECODE = os.environ.get("TNL_FUSED_DECODE", "auto")
@@ -87,6 +96,7 @@ def _load_cuda_kernels() -> None:
     _load_skinny_gemm()
     if _skinny is not None:
         _skinny.PDL = _pdl_wanted()
+        _skinny.PDL_PREFETCH = _env_int("TNL_PDL_PREFETCH", _skinny.PDL_PREFETCH)
 
 
 def backend_names(device: torch.device) -> dict[str, str]:

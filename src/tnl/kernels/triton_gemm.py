@@ -303,7 +303,7 @@ def _split_k(cfg: Config, K: int) -> int:
 PDL = False   # programmatic dependent launch (sm_90+): set by tnl.kernels on Hopper unless TNL_PDL=0
 # with PDL: bytes of its W slab each CTA asks L2 to prefetch before waiting on the previous kernel
 # (H100, 7B decode, b1: 0 -> 197.1 tok/s, 2K 198.6, 8K 199.8, 16K 199.4, 32K 192.4, 128K 160.9)
-PDL_PREFETCH = int(os.environ.get("TNL_PDL_PREFETCH", 8192))
+PDL_PREFETCH = 8192   # tnl.kernels sets it from TNL_PDL_PREFETCH
 
 
 def _meta(cfg: Config, N: int, K: int, split: int, has_bias: bool, gated: bool = False,
