@@ -26,9 +26,8 @@ _skinny = None          # tnl.kernels.triton_gemm once a tuned table is loaded
 _checked = False
 SKINNY_MAX_M = 64       # rows up to which `linear` may use the skinny GEMM (the tuned range)
 SKINNY_GATED_MAX_M = 32  # ... and `gated_linear` (gemm_bench, H100: 1.13x at 1-16 rows, 1.01x at 32, 0.73x at 64)
-# rows up to which the fused decode layers run (TNL_FUSED_MAX_M to change). Measured on an H100,
-# 7B decode, tok/s fused vs unfused: batch 1 199.8 vs 194.4, 2: 362 vs 370, 4: 700 vs 742,
-# 8: 1446 vs 1443, 16: 2660 vs 2650, 32: 3948 vs 4445, 64: 6258 vs 7230 -- a win at one row only
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     try:
@@ -38,6 +37,9 @@ def _env_int(name: str, default: int) -> int:
         return default
 
 
+# rows up to which the fused decode layers run (TNL_FUSED_MAX_M to change). Measured on an H100,
+# 7B decode, tok/s fused vs unfused: batch 1 199.8 vs 194.4, 2: 362 vs 370, 4: 700 vs 742,
+# 8: 1446 vs 1443, 16: 2660 vs 2650, 32: 3948 vs 4445, 64: 6258 vs 7230 -- a win at one row only
 FUSED_MAX_M = _env_int("TNL_FUSED_MAX_M", 1)
 # TNL_FUSED_DECODE: "auto" (fused decode layers where the skinny GEMM is tuned), "0" (never),
 # "1" (always, with the PyTorch fallback where there is no kernel: for tests on the CPU)
@@ -70,7 +72,8 @@ def _pdl_wanted() -> bool:
     kernel then lets the next one be scheduled while it runs, and waits (griddepcontrol.wait)
     before its first memory access until the previous kernel has finished: launch latency hidden
     between the ~150 small kernels of a decode step."""
-    return os.environ.get("TNL_PDL") != "0" and torch.cuda.get_device_capability() >= (9, 0)
+    return os.environ.get("TNL_PDL") != "0" and torch.cuda.is_available() \
+        and torch.cuda.get_device_capability() >= (9, 0)
 
 
 def _load_cuda_kernels() -> None:
@@ -81,6 +84,7 @@ def _load_cuda_kernels() -> None:
     if os.environ.get("TNL_DISABLE_FAST_KERNELS") == "1":
         log.info("fast kernels disabled by TNL_DISABLE_FAST_KERNELS=1")
         return
+    pdl = _pdl_wanted()
     try:
         from fla.ops.simple_gla import chunk_simple_gla
         _fla_chunk = chunk_simple_gla
@@ -88,14 +92,14 @@ def _load_cuda_kernels() -> None:
         log.warning("fla-core not importable (%s); CUDA prefill uses the PyTorch path", e)
     try:
         from tnl.kernels import triton_decode
-        triton_decode.PDL = _pdl_wanted()
+        triton_decode.PDL = pdl
         _triton_decode = triton_decode.recurrent_step_triton
         _triton_norm = triton_decode.rms_norm
     except Exception as e:
         log.warning("Triton decode kernel unavailable (%s); CUDA decode uses the PyTorch path", e)
     _load_skinny_gemm()
     if _skinny is not None:
-        _skinny.PDL = _pdl_wanted()
+        _skinny.PDL = pdl
         _skinny.PDL_PREFETCH = _env_int("TNL_PDL_PREFETCH", _skinny.PDL_PREFETCH)
 
 
@@ -211,8 +215,8 @@ def precompile_linears(shapes: list[tuple], rows: list[int]) -> int:
     for M in rows:
         for N, K, dtype, has_bias, fused in shapes:
             if _skinny_used(M, N, K, fused):
-                jobs.append((M, N, K, _skinny.choose_config(M, N, K), dtype, dtype, has_bias, bool(fused)
-                             if not isinstance(fused, dict) else fused))
+                jobs.append((M, N, K, _skinny.choose_config(M, N, K), dtype, dtype, has_bias,
+                             fused if isinstance(fused, dict) else bool(fused)))
     if jobs:
         _skinny.precompile(jobs)
     return len(jobs)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -321,7 +322,7 @@ def _meta(cfg: Config, N: int, K: int, split: int, has_bias: bool, gated: bool =
 
 
 def _row_major(t: torch.Tensor, K: int, what: str) -> torch.Tensor:
-    t2 = t.reshape(-1, t.shape[-1])
+    t2 = t.reshape(math.prod(t.shape[:-1]), t.shape[-1])    # not -1: K may be 0
     assert t2.shape[-1] == K, (what, t.shape, K)
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
@@ -365,9 +366,11 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         out = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
     if M == 0 or N == 0:
         return out.reshape(*lead, N)
-    if K == 0:
-        zero = torch.zeros_like(out) if residual is None else out.clone()
-        out.copy_(zero + bias if bias is not None else zero)
+    if K == 0:                              # x @ W.T is zero: out = (residual or 0) + bias
+        if residual is None:
+            out.zero_()
+        if bias is not None:
+            out += bias
         return out.reshape(*lead, N)
     if bias is not None:
         assert bias.shape == (N,) and bias.stride(0) == 1, bias.shape
@@ -395,9 +398,10 @@ def precompile(jobs, max_workers: int | None = None) -> tuple[int, int]:
     """Compile the kernels that skinny_linear will launch for `jobs`, in parallel threads (Triton
     drops the GIL while compiling), so that first calls do not stall one compile at a time: for
     a config sweep, or before capturing CUDA graphs. jobs: iterable of
-    (M, N, K, config, dtype, out_dtype, has_bias[, fused]) for contiguous x [M, K] and weight [N, K] of
-    `dtype`; fused: True for gated=True, or a dict of skinny_linear's fusions: gated (bool),
-    gate_stride (row stride of a separate gate, 0 for none), norm (bool), residual (bool). Returns (distinct kernels, how many failed to compile); a failed one fails again,
+    (M, N, K, config, dtype, out_dtype, has_bias[, fused]) for contiguous x [M, K] and weight
+    [N, K] of `dtype`; fused: True for gated=True, or a dict of skinny_linear's fusions: gated
+    (bool), gate_stride (row stride of a separate gate, 0 for none), norm (bool), residual
+    (bool). Returns (distinct kernels, how many failed to compile); a failed one fails again,
     with its error, at its first real call. Needs the CUDA driver; a no-op under
     TRITON_INTERPRET=1. Without triton.AsyncCompileMode (triton < 3.4) it compiles serially and
     counts jobs instead of distinct kernels."""

@@ -269,7 +269,12 @@ class TransnormerForCausalLM(nn.Module):
         unfused path (False; True for the gated l3) and in the fused decode layer (a dict of
         skinny_linear's fusions)."""
         w = self.head_weight
-        shapes = {(*w.shape, w.dtype, False, None)}
+        shapes = {}                      # repr -> entry: one entry per distinct matmul and fusion
+
+        def add(entry: tuple) -> None:
+            shapes.setdefault(repr(entry), entry)
+
+        add((*w.shape, w.dtype, False, None))
         for layer in self.model.layers:
             tm, mlp = layer.token_mixer, layer.channel_mixer
             mats = [(tm.qkvu_proj, False, dict(norm=True)),
@@ -279,8 +284,9 @@ class TransnormerForCausalLM(nn.Module):
                 mats.append((mlp.l12, False, dict(norm=True)))
             for m, plain, fused in mats:
                 key = (*m.weight.shape, m.weight.dtype, m.bias is not None)
-                shapes |= {(*key, plain), (*key, tuple(sorted(fused.items())))}
-        return [(*s[:4], dict(s[4]) if isinstance(s[4], tuple) else s[4]) for s in sorted(shapes, key=str)]
+                add((*key, plain))
+                add((*key, fused))
+        return [shapes[k] for k in sorted(shapes)]
 
     # ---- training -------------------------------------------------------------------------
     def forward_train(self, input_ids: torch.Tensor) -> torch.Tensor:
