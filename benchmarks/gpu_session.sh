@@ -6,7 +6,8 @@
 # sync (tnl bench with --no-async-scheduling, the A/B), cublas (tnl bench with TNL_SKINNY_GEMM=0,
 # the A/B of the Triton decode matmuls), ab (fused decode layers and PDL on/off: AB_COMBOS,
 # AB_REPEAT, AB_BATCH), profile, http (offline batch 64 then `tnl serve` under 64 (HTTP_MODES, HTTP_REPEAT, HTTP_PROCS)
-# streaming clients, same call), serve (load from disk + start-up + HTTP), gemm (kernel sweep),
+# streaming clients, same call), httpab (HTTP A/B of server variants with the engine's counters),
+# serve (load from disk + start-up + HTTP), gemm (kernel sweep),
 # demo (train the demo model).
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -78,6 +79,45 @@ PY
           python3 benchmarks/serve_load.py --url http://127.0.0.1:8124 --concurrency 64 --requests 256 --logprobs \
             --prompt-len 128 --output-len 128 --processes "$procs" --json "$OUT/serve_load_$mode${rep}_p$procs.json" \
             2>&1 | tee -a "$OUT/http.txt"
+        done
+      done
+      kill -TERM $SP; wait $SP
+    done ;;
+  httpab)
+    # HTTP A/B on one machine: offline baselines, then one server per variant in HTTPAB_VARIANTS,
+    # each "code[@cpus]": code "new" = this tree, "swi" = this tree with sys.setswitchinterval($SWI),
+    # "uv" = this tree with uvloop + httptools from .whl2/, "old" = the tree in .old/src.tar;
+    # @cpus pins the server process (taskset), e.g. new@0-1 for a slow host. HTTP_REPEAT runs
+    # for each of HTTP_PROCS; py-spy (if it attaches) on the first variant's first run.
+    python3 -m tnl.cli bench --model random-7b --batch-sizes 64 --prompt-len 128 --output-len 128 --prefill-len \
+      --context-lens 2>&1 | grep -v INFO | tail -3 | tee "$OUT/httpab.txt"
+    python3 benchmarks/offline_workload.py --requests 256 --max-num-seqs 64 --prompt-len 128 --output-len 128 \
+      2>&1 | grep -v INFO | tee -a "$OUT/httpab.txt"
+    port=8130; first=1
+    [ -d .whl2 ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site2 .whl2/*.whl
+    [ -f .old/src.tar ] && mkdir -p /tmp/old && tar -xf .old/src.tar -C /tmp/old
+    for variant in ${HTTPAB_VARIANTS:-new old}; do
+      code=${variant%@*}; cpus=""; [ "$code" != "$variant" ] && cpus="taskset -c ${variant#*@}"
+      port=$((port + 1)); pp=$PYTHONPATH; pre="import sys"
+      [ "$code" = old ] && pp=/tmp/old/src:$PYTHONPATH
+      [ "$code" = uv ] && pp=$PYTHONPATH:/tmp/site2
+      [ "$code" = swi ] && pre="import sys; sys.setswitchinterval(${SWI:-0.001})"
+      PYTHONPATH=$pp $cpus python3 -c "$pre; from tnl.cli import main; sys.argv[0] = 'tnl'; sys.exit(main())" serve \
+        --model random-7b --port $port --max-num-seqs 64 > "$OUT/serve_$code.log" 2>&1 &
+      SP=$!
+      until curl -sf http://127.0.0.1:$port/health >/dev/null; do sleep 0.2; kill -0 $SP 2>/dev/null || break; done
+      for rep in $(seq "${HTTP_REPEAT:-2}"); do
+        for procs in ${HTTP_PROCS:-4}; do
+          spy=""
+          if [ $first = 1 ] && [ -x /tmp/site/bin/py-spy ]; then
+            /tmp/site/bin/py-spy record -p $SP -r 100 -d 5 --threads --gil -f raw -o "$OUT/pyspy_gil.txt" \
+              --nonblocking > "$OUT/pyspy.log" 2>&1 & spy=$!
+          fi
+          first=0
+          echo "== $variant, 64 streaming clients in $procs process(es), run $rep" | tee -a "$OUT/httpab.txt"
+          python3 benchmarks/serve_load.py --url http://127.0.0.1:$port --concurrency 64 --requests 256 --logprobs \
+            --prompt-len 128 --output-len 128 --processes "$procs" 2>&1 | tee -a "$OUT/httpab.txt"
+          [ -n "$spy" ] && wait $spy
         done
       done
       kill -TERM $SP; wait $SP

@@ -1,6 +1,8 @@
 """The HTTP benchmark's workload run offline: N requests (random prompt ids, fixed output
 length, greedy, ignore_eos) all queued at once on an engine with --max-num-seqs slots; prints
-output tok/s over the whole run (prefill included), the baseline for benchmarks/serve_load.py.
+output tok/s over the whole run (prefill included), the baseline for benchmarks/serve_load.py,
+with the engine's steps, decode rows per step and the share of the run the device was busy
+(CUDA), which serve_load.py reads from the server for comparison.
 
     python benchmarks/offline_workload.py --requests 256 --max-num-seqs 64 --prompt-len 128 --output-len 128
 """
@@ -13,6 +15,7 @@ import torch
 
 from tnl.bench import run_requests
 from tnl.config import EngineConfig
+from tnl.engine.engine import COUNTERS
 from tnl.entrypoints import build_engine
 
 
@@ -35,12 +38,19 @@ def main() -> None:
         return [torch.randint(3, eng.model_config.vocab_size, (a.prompt_len,), generator=g).tolist() for _ in range(n)]
 
     run_requests(eng, prompts(min(a.max_num_seqs, 8)), a.output_len)   # warm-up
+    before = eng.stats()
     r = run_requests(eng, prompts(a.requests), a.output_len)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    after = eng.stats()
+    d = {k: after[k] - before[k] for k in COUNTERS}
     # run_requests splits the run at "every request has its first token"; the whole run is both
     wall = r["ttft_s"] + r["decode_s"]
     tokens = r["decode_tokens"] + a.requests
     out = {"requests": a.requests, "max_num_seqs": a.max_num_seqs, "output_tokens": tokens, "wall_s": wall,
-           "output_tok_s": tokens / wall}
+           "output_tok_s": tokens / wall, "steps": d["steps"], "rows_per_step": d["decode_tokens"] / max(d["steps"], 1),
+           "prefill_steps": d["prefill_steps"], "device_busy": d["device_busy_s"] / wall,
+           "prefill_step_busy_s": d["prefill_step_busy_s"]}
     print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()))
     if a.json:
         with open(a.json, "w") as f:

@@ -4,7 +4,10 @@
         --prompt-len 128 --output-len 128
 
 Prompts are random token ids (works for checkpoints without a tokenizer). Prints aggregate
-output tok/s, TTFT and inter-token latency percentiles; --json writes them.
+output tok/s, TTFT and inter-token latency percentiles; --json writes them. It also reads the
+server's engine counters from GET /metrics before and after the run and prints where the
+server's time went: the batch the engine ran (decode rows per decode-carrying step), the share of
+the wall clock the device was busy (CUDA) and the share the engine sat idle waiting for requests.
 """
 from __future__ import annotations
 
@@ -16,6 +19,37 @@ import statistics
 import time
 
 import httpx
+
+ENGINE_COUNTERS = ("tnl_engine_steps_total", "tnl_engine_prefill_steps_total", "tnl_engine_prefill_tokens_total",
+                   "tnl_engine_decode_tokens_total", "tnl_engine_device_busy_seconds_total",
+                   "tnl_engine_prefill_step_device_seconds_total", "tnl_engine_idle_seconds_total")
+
+
+def engine_counters(url: str, key: str | None) -> dict[str, float]:
+    """The engine's cumulative counters from /metrics ({} when the server has none)."""
+    try:
+        r = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {key}"} if key else None, timeout=10)
+    except httpx.HTTPError:
+        return {}
+    values = {}
+    for line in r.text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ENGINE_COUNTERS:
+            values[name] = float(value)
+    return values
+
+
+def server_view(before: dict[str, float], after: dict[str, float], wall: float, span: float) -> dict[str, float]:
+    """Engine counters over the run. wall: the clients' first send to last byte; span: the
+    scrapes' window around it (process start-up included), which only the idle time sees."""
+    if not before or set(before) != set(after):
+        return {}
+    d = {k.removeprefix("tnl_engine_").removesuffix("_total"): after[k] - before[k] for k in after}
+    return {"server_steps": d["steps"], "server_prefill_steps": d["prefill_steps"],
+            "server_rows_per_step": d["decode_tokens"] / max(d["steps"], 1),
+            "server_device_busy": d["device_busy_seconds"] / wall,
+            "server_prefill_step_device_s": d["prefill_step_device_seconds"],
+            "server_idle": max(0.0, d["idle_seconds"] - (span - wall)) / wall}
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -90,12 +124,16 @@ def run(a) -> dict:
         sub.concurrency = a.concurrency // a.processes + (i < a.concurrency % a.processes)
         sub.requests = a.requests // a.processes + (i < a.requests % a.processes)
         shares.append((sub, i, start_at))
+    before = engine_counters(a.url, a.api_key)
+    t0 = time.perf_counter()
     if a.processes == 1:
         parts = [_process_share(*shares[0])]
     else:
         import multiprocessing
         with multiprocessing.get_context("spawn").Pool(a.processes) as pool:
             parts = pool.starmap(_process_share, shares)
+    span = time.perf_counter() - t0
+    after = engine_counters(a.url, a.api_key)
     results = [r for part in parts for r in part[0]]
     n_chunks = sum(part[1] for part in parts)
     wall = max(part[3] for part in parts) - min(part[2] for part in parts)
@@ -108,6 +146,7 @@ def run(a) -> dict:
            "output_tok_s": tokens / wall, "chunks": n_chunks, "tokens_per_chunk": tokens / max(n_chunks, 1),
            "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99), "itl_p50_ms": 1e3 * pct(itl, 50),
            "itl_p99_ms": 1e3 * pct(itl, 99), "itl_mean_ms": 1e3 * statistics.fmean(itl) if itl else float("nan")}
+    out.update(server_view(before, after, wall, span))
     return out
 
 

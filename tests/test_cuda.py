@@ -2,6 +2,8 @@
 Skipped without a GPU; run on the H100 with `pytest tests/test_cuda.py`."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from helpers_model import random_state_dict, tiny_config
 from reference import reference_logits, rel_err
 from tnl import kernels
 from tnl.config import EngineConfig, ModelConfig
+from tnl.engine.engine import COUNTERS
 from tnl.kernels import torch_ops
 from tnl.model.transnormer import TransnormerForCausalLM
 
@@ -200,12 +203,22 @@ def test_cuda_async_scheduling_equals_plain_steps(small_model):
         eng = LLMEngine(m, None, EngineConfig(max_num_seqs=6, max_num_batched_tokens=256,
                                               async_scheduling=async_scheduling))
         assert eng.async_scheduling == async_scheduling and eng.runner.graphs
+        assert eng.counters == COUNTERS   # (the warm-up is not counted)
         reqs = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
         overlapped = 0
+        t0 = time.perf_counter()
         while eng.has_work:
             eng.step()
             overlapped += eng._in_flight is not None
+        wall = time.perf_counter() - t0
         assert eng.stats()["slots_used"] == 0
+        torch.cuda.synchronize()
+        c = eng.stats()
+        assert c["prefill_tokens"] == sum(len(p) for p in prompts) and 0 < c["prefill_steps"] < c["steps"]
+        assert 0 < c["prefill_step_busy_s"] < c["device_busy_s"]
+        extra = len(prompts) if async_scheduling else 0   # a row that stopped has run one step more
+        assert sum(sp.max_tokens - 1 for sp in params) <= c["decode_tokens"] <= sum(sp.max_tokens - 1 for sp in params) + extra
+        assert 0 < c["device_busy_s"] < wall and c["steps"] > max(sp.max_tokens for sp in params)
         return [eng.final_output(r).outputs[0] for r in reqs], overlapped
 
     plain, none = run(False)

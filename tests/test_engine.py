@@ -146,7 +146,9 @@ def test_abort_frees_slot_and_queue_bound():
         eng.add_request([5, 6], sp)
     for _ in range(3):
         eng.step()
-    assert eng.stats() == {"running": 1, "waiting": 2, "slots_used": 1, "slots_total": 1}
+    assert eng.stats() == {"running": 1, "waiting": 2, "slots_used": 1, "slots_total": 1,
+                           "steps": 3, "prefill_steps": 1, "prefill_tokens": 1, "decode_tokens": 2,
+                           "device_busy_s": 0.0, "prefill_step_busy_s": 0.0}
     eng.abort(a.request_id)
     eng.step()
     assert a.finish_reason == "abort"
@@ -329,7 +331,7 @@ def test_async_scheduling_gives_the_same_outputs(async_scheduling):
             for a, b in zip(glp, wlp):
                 assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a)
     assert want[1][2] == "stop" and len(want[1][0]) == k + 1
-    assert eng.stats() == {"running": 0, "waiting": 0, "slots_used": 0, "slots_total": 4}
+    assert eng.scheduler.stats() == {"running": 0, "waiting": 0, "slots_used": 0, "slots_total": 4}
     assert not eng.has_work
 
 
@@ -354,7 +356,7 @@ def test_warm_up_leaves_the_engine_as_new():
     restores the token budget, and leaves no trace in later requests' outputs."""
     eng = make_engine(max_num_batched_tokens=100)
     eng._warm_up()
-    assert eng.stats() == {"running": 0, "waiting": 0, "slots_used": 0, "slots_total": 4}
+    assert eng.scheduler.stats() == {"running": 0, "waiting": 0, "slots_used": 0, "slots_total": 4}
     assert not eng.requests and not eng.has_work and eng.scheduler.max_num_batched_tokens == 100
     p = prompts(3)[2]
     out = run(eng, [p], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]

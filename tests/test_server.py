@@ -446,6 +446,26 @@ def test_metrics(server, client):
     assert re.search(r'^tnl_requests_total\{route="/v1/completions",status="200"\} [1-9]', text, re.M)
 
 
+def test_engine_counters(server, client):
+    """steps / prefill tokens / decode rows count exactly one request's work (CPU: no async
+    scheduling, so a 7-token prompt is one prefill step and 4 tokens need 3 decode steps)."""
+    names = ("tnl_engine_steps_total", "tnl_engine_prefill_steps_total", "tnl_engine_prefill_tokens_total",
+             "tnl_engine_decode_tokens_total", "tnl_engine_idle_seconds_total", "tnl_engine_device_busy_seconds_total",
+             "tnl_engine_prefill_step_device_seconds_total")
+    before = {n: server.metric(n) for n in names}
+    out = client.completions.create(model=server_model(client), prompt=[5, 6, 7, 8, 9, 10, 11], max_tokens=4,
+                                    temperature=0, extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 4
+    after = {n: server.metric(n) for n in names}
+    assert after["tnl_engine_steps_total"] - before["tnl_engine_steps_total"] == 4
+    assert after["tnl_engine_prefill_steps_total"] - before["tnl_engine_prefill_steps_total"] == 1
+    assert after["tnl_engine_prefill_tokens_total"] - before["tnl_engine_prefill_tokens_total"] == 7
+    assert after["tnl_engine_decode_tokens_total"] - before["tnl_engine_decode_tokens_total"] == 3
+    assert after["tnl_engine_idle_seconds_total"] > before["tnl_engine_idle_seconds_total"] > 0
+    assert after["tnl_engine_device_busy_seconds_total"] == 0   # no CUDA timing on the CPU
+    assert after["tnl_engine_prefill_step_device_seconds_total"] == 0
+
+
 def test_page_docs_and_schema(server):
     page = requests.get(server.url + "/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")

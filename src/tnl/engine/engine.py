@@ -7,6 +7,7 @@ stream of outputs (the HTTP server's view).
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import json
 import logging
@@ -14,7 +15,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import torch
 
@@ -29,6 +30,8 @@ from tnl.model.transnormer import TransnormerForCausalLM
 log = logging.getLogger(__name__)
 
 CPU_DEFAULT_SLOTS = 16
+COUNTERS = {"steps": 0, "prefill_steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "device_busy_s": 0.0,
+            "prefill_step_busy_s": 0.0}
 GPU_MAX_SLOTS = 512
 
 
@@ -101,6 +104,12 @@ class LLMEngine:
         self._ids = itertools.count()
         self.async_scheduling = ec.async_scheduling if ec.async_scheduling is not None else self.device.type == "cuda"
         self._in_flight: _Step | None = None
+        # Cumulative counters for /metrics (engine.stats()): steps run (and those with prompt
+        # tokens), prompt tokens and decode rows computed, and on CUDA the device time of the
+        # steps (a timing event before and after each; read once they have passed, no sync).
+        self.counters = dict(COUNTERS)
+        self._timings: collections.deque = collections.deque()   # (start, end, has_prefill) not yet read
+        self._timed = self.device.type == "cuda"
         if self.device.type == "cuda":
             self._warm_up()
         log.info("engine ready: %d state slots (%.1f MB each), token budget %d, device %s, async scheduling %s",
@@ -124,6 +133,9 @@ class LLMEngine:
             self.scheduler.max_num_batched_tokens = budget
             for r in reqs:
                 self.release(r.request_id)
+            torch.cuda.synchronize(self.device)
+            self._timings.clear()
+            self.counters = dict(COUNTERS)
         log.info("warm-up requests done in %.1f s", time.perf_counter() - t0)
 
     # ---- requests ---------------------------------------------------------------------------
@@ -173,8 +185,22 @@ class LLMEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work or self._in_flight is not None
 
-    def stats(self) -> dict[str, int]:
-        return self.scheduler.stats()
+    def stats(self) -> dict[str, float]:
+        """Gauges (running, waiting, slots) and the cumulative counters (the device time of
+        the last step or two may still be on its way)."""
+        if self._timings:
+            self._read_timings()
+        return {**self.scheduler.stats(), **self.counters}
+
+    def _read_timings(self) -> None:
+        """Add the device time of launched steps whose end event has passed (in launch order)."""
+        c = self.counters
+        while self._timings and self._timings[0][1].query():
+            start, end, prefill = self._timings.popleft()
+            ms = start.elapsed_time(end)
+            c["device_busy_s"] += ms / 1000
+            if prefill:
+                c["prefill_step_busy_s"] += ms / 1000
 
     # ---- one step ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -188,6 +214,8 @@ class LLMEngine:
         step k+1; that token is dropped. Steps with prompt chunks or penalties (which need the
         previous tokens on the host) wait for the step in flight first."""
         touched: dict[str, Request] = {}
+        if self._timings:
+            self._read_timings()
         batch = self.scheduler.schedule()
         if batch and self._in_flight is not None and self._can_overlap(batch):
             launched = self._launch(batch, self._in_flight)
@@ -216,6 +244,10 @@ class LLMEngine:
         for r, _ in batch.prefill:
             if r.metrics.first_scheduled_time is None:
                 r.metrics.first_scheduled_time = now
+        start = None
+        if self._timed:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
         if prev is not None and prev.sample is not None:
             logits, reqs, prompt_logits = self.runner.execute(batch, prev.rows, prev.sample.token_ids)
         else:
@@ -230,11 +262,20 @@ class LLMEngine:
                 done.append(r)
         for r in batch.decode:
             r.num_computed += 1
+        c = self.counters
+        c["steps"] += 1
+        c["prefill_steps"] += bool(batch.prefill)
+        c["prefill_tokens"] += sum(n for _, n in batch.prefill)
+        c["decode_tokens"] += len(batch.decode)
         pending = None
         if reqs:
             if self.sample_vocab < logits.shape[-1]:
                 logits[:, self.sample_vocab:] = float("-inf")
             pending = sample(logits, reqs).start_copy()
+        if start is not None:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._timings.append((start, end, bool(batch.prefill)))
         step = _Step(reqs, pending, done)
         for r in reqs:
             r.in_flight = step
@@ -347,8 +388,8 @@ class _Step:
 
 
 def _put_all(items: list) -> None:
-    for q, item in items:
-        q.put_nowait(item)
+    for sink, item in items:
+        sink(item)
 
 
 class AsyncEngine:
@@ -361,12 +402,13 @@ class AsyncEngine:
         self.engine_config = engine.engine_config
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, list]] = {}
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, Callable, list]] = {}
         self._pending = 0
         self._lock = threading.Lock()
         self._stop = False
         self._stats = engine.stats()
         self._outbox: dict[asyncio.AbstractEventLoop, list] = {}
+        self._idle_s = 0.0   # time the engine thread waited with nothing to run
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="tnl-engine", daemon=True)
         self._thread.start()
@@ -381,8 +423,13 @@ class AsyncEngine:
                                 chat_template_file=chat_template_file, **kw))
 
     # ---- public API -------------------------------------------------------------------------
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+    def submit(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
+               sink: Callable[[RequestOutput | BaseException], None]) -> None:
+        """Queue a request; `sink(item)` is then called on the calling thread's event loop with
+        each output delta, the last one `finished`, or with the exception that ended the
+        request. Errors found at once (bad prompt, id in use, queue full, dead engine) raise
+        here instead. No task per request: the HTTP server's streams read their outputs
+        straight from the sink."""
         self.engine.validate_prompt(prompt_token_ids)
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -391,9 +438,7 @@ class AsyncEngine:
                 raise QueueFullError(f"waiting queue is full ({self.engine_config.max_waiting} requests); "
                                      f"retry later")
             self._pending += 1
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (loop, q, [0, True])
+        self._streams[request_id] = (asyncio.get_running_loop(), sink, [0, True])
         if self.error is not None:   # checked after registering: a dying engine either sees this stream or set this
             self._streams.pop(request_id, None)
             with self._lock:
@@ -401,6 +446,12 @@ class AsyncEngine:
             raise RuntimeError(f"engine stopped after an internal error: {self.error}")
         self._inbox.put(("add", request_id, list(prompt_token_ids), params))
         self._wake.set()
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        """The request's output deltas as an async stream; leaving the loop early aborts it."""
+        q: asyncio.Queue = asyncio.Queue()
+        self.submit(prompt_token_ids, params, request_id, q.put_nowait)
         finished = False
         try:
             while True:
@@ -414,14 +465,13 @@ class AsyncEngine:
         finally:
             if not finished:
                 self.abort(request_id)
-            self._streams.pop(request_id, None)
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
         self._wake.set()
 
-    def stats(self) -> dict[str, int]:
-        return dict(self._stats)
+    def stats(self) -> dict[str, float]:
+        return {**self._stats, "idle_s": self._idle_s}
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop = True
@@ -430,10 +480,14 @@ class AsyncEngine:
 
     # ---- engine thread ----------------------------------------------------------------------
     def _deliver(self, request_id: str, item) -> None:
+        """Queue `item` for the request's sink; a final item (finished, or an error) also ends
+        the stream's registration."""
         entry = self._streams.get(request_id)
         if entry is not None:
-            loop, q, _ = entry
-            self._outbox.setdefault(loop, []).append((q, item))
+            loop, sink, _ = entry
+            self._outbox.setdefault(loop, []).append((sink, item))
+            if isinstance(item, BaseException) or item.finished:
+                self._streams.pop(request_id, None)
 
     def _flush(self) -> None:
         """Hand this step's outputs over: one wake-up per event loop, not one per request."""
@@ -485,8 +539,11 @@ class AsyncEngine:
                 self._drain_inbox()
                 self._flush()
                 if not eng.has_work:
+                    t0 = time.perf_counter()
                     self._wake.wait(0.05)
                     self._wake.clear()
+                    self._idle_s += time.perf_counter() - t0
+                    self._stats = eng.stats()   # (picks up the device time of the last steps)
                     continue
                 touched = eng.step()
                 self._stats = eng.stats()   # before the outputs go out: a client never sees stale gauges

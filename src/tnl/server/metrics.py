@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 # Latency buckets in seconds: sub-millisecond CPU decode steps up to multi-minute generations.
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
@@ -12,7 +12,11 @@ _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 
 
 
 class _EngineStatsCollector:
-    """Gauges read from engine.stats() at scrape time, so they are never stale."""
+    """Gauges and counters read from engine.stats() at scrape time, so they are never stale.
+
+    The counters tell where serving time goes: tokens per step (decode_tokens / steps) is the
+    batch the engine actually ran; device busy (CUDA) and idle seconds against the wall clock
+    say whether the device, the host or the clients set the pace."""
 
     GAUGES = (
         ("tnl_num_requests_running", "Requests holding a state slot and decoding", "running"),
@@ -21,16 +25,34 @@ class _EngineStatsCollector:
         ("tnl_state_slots_total", "State-pool slots in all", "slots_total"),
     )
 
+    COUNTERS = (
+        ("tnl_engine_steps", "Engine steps run (one forward pass each)", "steps"),
+        ("tnl_engine_prefill_steps", "Engine steps that computed prompt tokens", "prefill_steps"),
+        ("tnl_engine_prefill_tokens", "Prompt tokens computed by the engine (chunks included)", "prefill_tokens"),
+        ("tnl_engine_decode_tokens", "Decode rows computed by the engine (one per sequence per step)",
+         "decode_tokens"),
+        ("tnl_engine_device_busy_seconds", "Device time of the engine's steps (CUDA events; 0 on CPU)",
+         "device_busy_s"),
+        ("tnl_engine_prefill_step_device_seconds", "Device time of the steps that computed prompt tokens",
+         "prefill_step_busy_s"),
+        ("tnl_engine_idle_seconds", "Time the engine thread waited with no request to run", "idle_s"),
+    )
+
     def __init__(self, stats: Callable[[], dict | None]):
         self._stats = stats
 
     def describe(self):  # lets the registry check names without calling the engine
-        return [GaugeMetricFamily(name, doc) for name, doc, _ in self.GAUGES]
+        return [GaugeMetricFamily(name, doc) for name, doc, _ in self.GAUGES] + \
+            [CounterMetricFamily(name, doc) for name, doc, _ in self.COUNTERS]
 
     def collect(self):
         stats = self._stats() or {}
         for name, doc, key in self.GAUGES:
             family = GaugeMetricFamily(name, doc)
+            family.add_metric([], float(stats.get(key, 0)))
+            yield family
+        for name, doc, key in self.COUNTERS:
+            family = CounterMetricFamily(name, doc)
             family.add_metric([], float(stats.get(key, 0)))
             yield family
 

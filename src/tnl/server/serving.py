@@ -171,7 +171,6 @@ class Generation:
         self.generated = [0] * len(self.jobs)
         self.finished = [False] * len(self.jobs)
         self._queue: asyncio.Queue = asyncio.Queue()
-        self._tasks: list[asyncio.Task] = []
         self._watcher: asyncio.Task | None = None
         self._buffer: list[tuple[int, RequestOutput]] = []
         self._last_time = [0.0] * len(self.jobs)
@@ -188,12 +187,14 @@ class Generation:
     def engine_id(self, k: int) -> str:
         return f"{self.request_id}-{k}"
 
-    async def _pump(self, k: int, ids: list[int], params: SamplingParams) -> None:
+    def _submit(self, k: int, ids: list[int], params: SamplingParams) -> None:
+        """The engine hands choice k's outputs straight to this generation's queue (no task
+        per choice between them); refusals travel the same way."""
+        put = self._queue.put_nowait
         try:
-            async for out in self.engine.generate(ids, params, self.engine_id(k)):
-                self._queue.put_nowait((k, out))
-        except Exception as e:  # refusals and engine failures travel to the consumer
-            self._queue.put_nowait((k, e))
+            self.engine.submit(ids, params, self.engine_id(k), lambda item: put((k, item)))
+        except Exception as e:
+            put((k, e))
 
     async def _watch_disconnect(self) -> None:
         receive = self.request.receive
@@ -206,7 +207,8 @@ class Generation:
                 return
 
     async def start(self, watch_disconnect: bool = True) -> None:
-        self._tasks = [asyncio.create_task(self._pump(k, ids, p)) for k, (ids, p) in enumerate(self.jobs)]
+        for k, (ids, p) in enumerate(self.jobs):
+            self._submit(k, ids, p)
         if watch_disconnect:
             self._watcher = asyncio.create_task(self._watch_disconnect())
         waiting = set(range(len(self.jobs)))
@@ -304,8 +306,6 @@ class Generation:
                 self.engine.abort(self.engine_id(k))
                 if self._started:  # (a refused request was never under way)
                     self._scope_state["aborted"] = True
-        for task in self._tasks:
-            task.cancel()
         if self._watcher is not None and self._watcher is not asyncio.current_task():
             self._watcher.cancel()
         self._watcher = None
