@@ -275,6 +275,47 @@ def test_async_engine_refuses_a_live_duplicate_request_id():
         eng.shutdown()
 
 
+def test_async_engine_sink_gets_every_delta_then_the_id_is_free():
+    """submit(): the sink sees the deltas of a request in order, the last one finished, on the
+    caller's loop; an abort ends with a finished 'abort' delta; then the request id can be reused."""
+    import asyncio
+    import threading
+    from tnl.engine import AsyncEngine
+    eng = AsyncEngine(make_engine())
+    want = run(make_engine(), [[5, 6, 7]], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
+
+    async def collect(rid, params, abort_after=None):
+        got, done = [], asyncio.Event()
+        loop_thread = threading.get_ident()
+
+        def sink(item):
+            assert threading.get_ident() == loop_thread
+            got.append(item)
+            if isinstance(item, BaseException) or item.finished:
+                done.set()
+            elif abort_after is not None and len(got) == abort_after:
+                eng.abort(rid)
+
+        eng.submit([5, 6, 7], params, rid, sink)
+        await asyncio.wait_for(done.wait(), 30)
+        return got
+
+    async def main():
+        sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+        full = await collect("r", sp)
+        aborted = await collect("r", SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True), 2)
+        return full, aborted
+
+    try:
+        full, aborted = asyncio.run(main())
+    finally:
+        eng.shutdown()
+    assert [t for o in full for t in o.outputs[0].token_ids] == want.outputs[0].token_ids
+    assert [o.finished for o in full] == [False] * (len(full) - 1) + [True]
+    assert aborted[-1].finished and aborted[-1].outputs[0].finish_reason == "abort"
+    assert eng._streams == {}
+
+
 def _seeded_with_new_token(p):
     """A seeded sample of 12 tokens and an index k >= 3 whose token appears there first (the
     tiny random model repeats one token when greedy)."""
