@@ -8,6 +8,7 @@ from helpers_model import random_state_dict, tiny_config
 from reference import reference_logits
 from tnl.config import EngineConfig, ModelConfig
 from tnl.engine import LLMEngine, QueueFullError, SamplingParams
+from tnl.engine.engine import COUNTERS
 from tnl.engine.scheduler import Scheduler
 from tnl.model.transnormer import TransnormerForCausalLM
 
@@ -399,6 +400,7 @@ def test_warm_up_leaves_the_engine_as_new():
     eng._warm_up()
     assert eng.scheduler.stats() == {"running": 0, "waiting": 0, "slots_used": 0, "slots_total": 4}
     assert not eng.requests and not eng.has_work and eng.scheduler.max_num_batched_tokens == 100
+    assert eng.counters == COUNTERS   # the warm-up's steps are not counted
     p = prompts(3)[2]
     out = run(eng, [p], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
     assert out.outputs[0].token_ids == ref_greedy(p, 5)

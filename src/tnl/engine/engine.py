@@ -133,7 +133,8 @@ class LLMEngine:
             self.scheduler.max_num_batched_tokens = budget
             for r in reqs:
                 self.release(r.request_id)
-            torch.cuda.synchronize(self.device)
+            if self._timed:
+                torch.cuda.synchronize(self.device)
             self._timings.clear()
             self.counters = dict(COUNTERS)
         log.info("warm-up requests done in %.1f s", time.perf_counter() - t0)
