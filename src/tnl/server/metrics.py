@@ -41,18 +41,19 @@ class _EngineStatsCollector:
     def __init__(self, stats: Callable[[], dict | None]):
         self._stats = stats
 
+    def _metrics(self):
+        """(family class, name, doc, stats key) of every metric."""
+        for kind, table in ((GaugeMetricFamily, self.GAUGES), (CounterMetricFamily, self.COUNTERS)):
+            for name, doc, key in table:
+                yield kind, name, doc, key
+
     def describe(self):  # lets the registry check names without calling the engine
-        return [GaugeMetricFamily(name, doc) for name, doc, _ in self.GAUGES] + \
-            [CounterMetricFamily(name, doc) for name, doc, _ in self.COUNTERS]
+        return [kind(name, doc) for kind, name, doc, _ in self._metrics()]
 
     def collect(self):
         stats = self._stats() or {}
-        for name, doc, key in self.GAUGES:
-            family = GaugeMetricFamily(name, doc)
-            family.add_metric([], float(stats.get(key, 0)))
-            yield family
-        for name, doc, key in self.COUNTERS:
-            family = CounterMetricFamily(name, doc)
+        for kind, name, doc, key in self._metrics():
+            family = kind(name, doc)
             family.add_metric([], float(stats.get(key, 0)))
             yield family
 
