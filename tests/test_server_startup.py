@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -14,6 +15,7 @@ import pytest
 import requests
 import uvicorn
 
+from helpers_model import random_state_dict, tiny_config, write_checkpoint
 from helpers_server import free_port, make_tiny_model
 from tnl.server.config import ServerConfig, add_server_args
 
@@ -70,15 +72,59 @@ def test_health_is_503_until_the_model_is_loaded(model_dir):
     assert app.state.tnl.shutting_down  # the lifespan ended and shut the engine down
 
 
-def test_load_failure_exits_1(tmp_path):
-    empty = tmp_path / "not-a-checkpoint"
-    empty.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "tnl.server", "--model", str(empty), "--port", str(free_port()),
-                           "--device", "cpu"], capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
+def _serve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tnl.server", "--device", "cpu", *args], capture_output=True,
+                          text=True, timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def _one_line_error(proc: subprocess.CompletedProcess) -> str:
+    """A user's mistake: exit 1, and stderr is one 'tnl serve: error: ...' line, no traceback."""
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
-    assert "config.json" in out and "failed to load" in out
+    assert "Traceback" not in out and "Uvicorn running" not in out, out
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tnl serve: error: "), out
+    return lines[0]
+
+
+@pytest.mark.parametrize("model", ["/nonexistent", "no-such-thing", "not-a-checkpoint"])
+def test_bad_model_is_one_line_before_the_port_opens(tmp_path, model):
+    if model == "not-a-checkpoint":
+        model = str(tmp_path / model)
+        os.mkdir(model)
+    line = _one_line_error(_serve("--model", model, "--port", str(free_port())))
+    assert model in line
+    if "tmp" in model:
+        assert "config.json" in line
+
+
+def test_busy_port_is_one_line_naming_the_flag():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        line = _one_line_error(_serve("--port", str(port)))
+    assert str(port) in line and "--port" in line and "in use" in line
+
+
+def test_load_failure_exits_1_with_one_error_line(tmp_path):
+    """A config.json tnl can run, but no weights: the port has opened (the weights load behind
+    /health's 503), then the server exits 1 and its last line says why, without a traceback."""
+    d = tmp_path / "no-weights"
+    d.mkdir()
+    write_checkpoint(str(d), tiny_config(), random_state_dict(tiny_config()))
+    for f in d.glob("*.safetensors"):
+        f.unlink()
+    proc = _serve("--model", str(d), "--port", str(free_port()))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "Traceback" not in out, out
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("tnl serve: error: the model failed to load:") and "weight" in last, out
+    # -v keeps the traceback for a bug report
+    verbose = subprocess.run([sys.executable, "-m", "tnl.cli", "-v", "serve", "--device", "cpu", "--model", str(d),
+                              "--port", str(free_port())], capture_output=True, text=True, timeout=120)
+    assert verbose.returncode == 1 and "Traceback" in verbose.stderr
 
 
 def test_flags_map_onto_config():

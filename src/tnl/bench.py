@@ -12,22 +12,22 @@ import logging
 import statistics
 import time
 
-import torch
-
-from tnl.config import EngineConfig
-from tnl.model.weights import RANDOM_7B, random_model
+from tnl.args import positive_int
+from tnl.config import EngineConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
 def _sync(device):
+    import torch
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def measure_ceilings(device: torch.device) -> dict:
+def measure_ceilings(device) -> dict:
     """Copy bandwidth (GB/s, read + write) and bf16 matmul rate (TFLOP/s), medians."""
     if device.type != "cuda":
         return {}
+    import torch
     from triton.testing import do_bench
     a = torch.randn(1 << 30, device=device, dtype=torch.bfloat16)
     b = torch.empty_like(a)
@@ -78,7 +78,11 @@ def run_requests(engine, prompts: list[list[int]], max_tokens: int) -> dict:
 
 
 def bench(args) -> dict:
+    import torch
+
     from tnl.engine import LLMEngine
+    from tnl.entrypoints import RANDOM_MODEL, check_host_memory, set_cpu_threads
+    from tnl.model.weights import RANDOM_7B, random_model
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
              "float32": torch.float32, "float16": torch.float16}[args.dtype]
@@ -86,7 +90,13 @@ def bench(args) -> dict:
                  "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     out.update(measure_ceilings(device))
     t0 = time.perf_counter()
-    if args.model == "random-7b":  # tnl.entrypoints.RANDOM_MODEL
+    if args.model is None:   # the 7B's shapes on a GPU; the demo model on the CPU, where a 7B is ~28 GB
+        args.model = RANDOM_MODEL if device.type == "cuda" else "demo"
+        log.info("benchmarking --model %s", args.model)
+    if args.model == RANDOM_MODEL:
+        if device.type == "cpu":
+            check_host_memory(f"{RANDOM_MODEL} in {str(dtype).removeprefix('torch.')}",
+                              ModelConfig.from_dict(RANDOM_7B).num_params() * dtype.itemsize)
         model = random_model(RANDOM_7B, device, dtype)
     else:
         from tnl.entrypoints import resolve_model_dir
@@ -96,6 +106,8 @@ def bench(args) -> dict:
         model.fuse()
     out["load_s"] = time.perf_counter() - t0
     cfg = model.config
+    if device.type == "cpu":
+        set_cpu_threads(cfg, args.threads)
     wbytes = weight_bytes(model)
     out.update(params_B=cfg.num_params() / 1e9, weight_GB=wbytes / 1e9, state_MB_per_seq=cfg.state_bytes() / 1e6)
     from tnl.kernels import backend_names
@@ -157,8 +169,11 @@ def bench(args) -> dict:
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="random-7b", help="'random-7b' (random 7B-shaped weights), a path or hub id")
+    p.add_argument("--model", default=None,
+                   help="'random-7b' (random weights with the 7B's shapes), 'demo', a path or a hub id "
+                        "(default: random-7b on a GPU, demo on the CPU)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (see tnl serve --help)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
     p.add_argument("--prompt-len", type=int, default=128)

@@ -6,6 +6,8 @@ import json
 import logging
 import sys
 
+from tnl.args import add_chat_args, add_model_args
+
 DESCRIPTION = """\
 tnl serves TransNormerLLM, a linear-attention LLM whose per-sequence memory is a fixed-size
 recurrent state. With no --model, every command uses the small bundled demo model.
@@ -18,16 +20,6 @@ examples:
   tnl download OpenNLPLab/TransNormerLLM-7B --source huggingface
   tnl bench --model random-7b
 """
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the bundled demo model)")
-    p.add_argument("--device", default="auto", help="cuda, cuda:1, cpu or auto (default auto)")
-    p.add_argument("--dtype", default="auto", help="bfloat16, float16, float32 or auto (default auto)")
-    p.add_argument("--source", default="modelscope", choices=["modelscope", "huggingface", "ms", "hf"],
-                   help="hub to download from when --model is a hub id not in the cache (default modelscope)")
-    p.add_argument("--cache-dir", default=None, help="download cache directory")
-    p.add_argument("--chat-template", default=None, metavar="FILE", help="Jinja chat template file")
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -57,7 +49,12 @@ def _engine(a, max_num_seqs: int = 4):
     from tnl.config import EngineConfig
     from tnl.entrypoints import build_engine
     return build_engine(a.model, a.device, a.dtype, EngineConfig(max_num_seqs=max_num_seqs),
-                        a.chat_template, a.source, a.cache_dir, progress=sys.stderr.isatty())
+                        a.chat_template, a.source, a.cache_dir, a.revision, progress=sys.stderr.isatty(),
+                        threads=a.threads)
+
+
+def _system(a) -> list[dict]:
+    return [{"role": "system", "content": a.system}] if a.system else []
 
 
 def _stream(engine, ids: list[int], params, on_text) -> object:
@@ -92,8 +89,8 @@ def cmd_generate(a) -> int:
     elif tok is None:
         raise ValueError("this checkpoint has no tokenizer.model: pass --prompt-ids 1,2,3")
     elif a.chat:
-        ids = tok.apply_chat_template([{"role": "user", "content": a.prompt}], add_generation_prompt=True,
-                                      tokenize=True)
+        ids = tok.apply_chat_template(_system(a) + [{"role": "user", "content": a.prompt}],
+                                      add_generation_prompt=True, tokenize=True)
     else:
         ids = tok.encode(a.prompt)
     if a.json:
@@ -116,7 +113,7 @@ def cmd_chat(a) -> int:
     tok = engine.tokenizer
     if tok is None:
         raise ValueError("chat needs a tokenizer, and this checkpoint has no tokenizer.model")
-    history: list[dict] = [{"role": "system", "content": a.system}] if a.system else []
+    history: list[dict] = _system(a)
     print("tnl chat: type a message; /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
     while True:
         try:
@@ -172,24 +169,24 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Serve a model over HTTP: the tutorial's POST /, an OpenAI-compatible API "
                                    "under /v1, a web chat page at /, /health and /metrics.")
     add_server_args(s)
-    s.add_argument("--source", default="modelscope", choices=["modelscope", "huggingface", "ms", "hf"],
-                   help="hub to download from when --model is a hub id not in the cache")
     s.set_defaults(func=cmd_serve)
 
     g = sub.add_parser("generate", help="generate text for one prompt, streamed to stdout",
                        description="Generate a continuation of PROMPT and stream it to stdout.")
-    _model_args(g)
+    add_model_args(g)
+    add_chat_args(g)
     g.add_argument("prompt", nargs="?", default="", help="the prompt text")
     g.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of text")
-    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    g.add_argument("--chat", action="store_true",
+                   help="wrap the prompt as a user message (after --system) in the chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     _sampling_args(g, 128)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="multi-turn chat in the terminal",
                        description="Chat in the terminal with streaming replies; the history is kept.")
-    _model_args(c)
-    c.add_argument("--system", default="You are a helpful assistant.", help="system message ('' for none)")
+    add_model_args(c)
+    add_chat_args(c)
     _sampling_args(c, 512)
     c.set_defaults(func=cmd_chat)
 
@@ -197,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Download a checkpoint from ModelScope (default) or Hugging Face and "
                                    "print the local directory.")
     d.add_argument("model_id", help="hub id, e.g. OpenNLPLab/TransNormerLLM-7B")
-    d.add_argument("--source", default="modelscope", choices=["modelscope", "huggingface", "ms", "hf"])
+    from tnl.hub import DEFAULT_SOURCE, SOURCES
+    d.add_argument("--source", default=DEFAULT_SOURCE, choices=list(SOURCES))
     d.add_argument("--cache-dir", default=None)
     d.add_argument("--revision", default=None, help="branch, tag or commit (ModelScope default: master)")
     d.set_defaults(func=cmd_download)
@@ -214,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
+    # generate and chat print only the answer (and errors); -v shows the engine's log
+    quiet = getattr(a, "command", None) in ("generate", "chat")
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if not getattr(a, "func", None):
         parser.print_help()
@@ -225,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         return a.func(a)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError, MemoryError) as e:   # a user's mistake, or the machine's
+        if a.verbose:
+            logging.getLogger("tnl").exception("tnl %s failed", a.command)
         print(f"tnl {a.command}: error: {e}", file=sys.stderr)
         return 1
 

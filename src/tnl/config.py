@@ -10,6 +10,12 @@ import os
 from dataclasses import dataclass, field, fields
 
 
+# The system message that every front end puts before a user's first message when none is given:
+# POST / (the tutorial's api.py sends it), `tnl chat`, `tnl generate --chat` and the web page.
+# The OpenAI routes and LLM.chat send the messages exactly as given, as OpenAI and vLLM do.
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+
 class ConfigError(ValueError):
     """A config.json that tnl cannot run; the message names the key."""
 

@@ -1,6 +1,7 @@
 """The offline API (vLLM's shape) and the one place that turns a model name into an engine."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -12,13 +13,15 @@ from tnl.engine.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 DEMO_MODEL_DIR = os.path.join(os.path.dirname(__file__), "demo")
+DEMO_MODEL = "demo"          # --model demo: the bundled demo model (what no --model means); ./demo is a directory
 RANDOM_MODEL = "random-7b"   # --model random-7b: random weights with the 7B's shapes (speed tests)
+PARAMS_PER_THREAD = 100_000_000   # CPU: below ~100M parameters per thread the matmuls are too small to split
 
 
 def resolve_model_dir(model: str | None, source: str = "modelscope", cache_dir: str | None = None,
                       revision: str | None = None) -> str:
-    """None -> the bundled demo model; a local directory; or a hub id (cache, then download)."""
-    if model is None:
+    """None or "demo" -> the bundled demo model; a local directory; or a hub id (cache, then download)."""
+    if model is None or model == DEMO_MODEL:
         if not os.path.exists(os.path.join(DEMO_MODEL_DIR, "config.json")):
             raise FileNotFoundError("no model given and the bundled demo model is missing from this install")
         return DEMO_MODEL_DIR
@@ -26,21 +29,84 @@ def resolve_model_dir(model: str | None, source: str = "modelscope", cache_dir: 
     return resolve_model(model, source=source, cache_dir=cache_dir, revision=revision)
 
 
+def available_memory() -> int | None:
+    """Bytes this process can still allocate on the host: MemAvailable, within the cgroup's
+    memory limit when one is set (containers); None where neither can be read."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read())
+        if limit != "max":
+            room = int(limit) - used
+            avail = room if avail is None else min(avail, room)
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def check_host_memory(what: str, nbytes: int) -> None:
+    """Refuse, before allocating, weights that cannot fit in host memory (a 7B in float32 is
+    ~28 GB: building it on a small machine ends in the OOM killer, not an error)."""
+    avail = available_memory()
+    if avail is not None and nbytes > avail:
+        raise MemoryError(f"{what} needs {nbytes / 1e9:.1f} GB of memory on the CPU and {avail / 1e9:.1f} GB "
+                          f"is available: run it on a GPU (--device cuda), or use --model demo")
+
+
+def set_cpu_threads(cfg, threads: int | None) -> None:
+    """Intra-op threads for CPU matmuls: `threads`, else one per PARAMS_PER_THREAD parameters
+    (at most torch's default, the physical cores), unless OMP_NUM_THREADS says otherwise.
+    Small models lose badly to more threads when the cores are shared: 13-token scoring
+    requests on the demo model took ~1.07 s in bursts with torch's default threads on 2 busy
+    cores, against ~25 ms with one thread."""
+    import torch
+    if threads is None:
+        if os.environ.get("OMP_NUM_THREADS"):
+            return
+        threads = max(1, min(_default_threads(), cfg.num_params() // PARAMS_PER_THREAD))
+    torch.set_num_threads(threads)
+    log.debug("CPU threads: %d", threads)
+
+
+@functools.cache
+def _default_threads() -> int:
+    import torch
+    return torch.get_num_threads()   # read once, before any set_num_threads of ours
+
+
 def build_engine(model: str | None = None, device: str = "auto", dtype: str = "auto",
                  engine_config: EngineConfig | None = None, chat_template_file: str | None = None,
                  source: str = "modelscope", cache_dir: str | None = None, revision: str | None = None,
-                 progress: bool = True) -> LLMEngine:
+                 progress: bool = True, threads: int | None = None) -> LLMEngine:
+    from tnl.config import ModelConfig
     from tnl.model.tokenizer import Tokenizer
     from tnl.model.weights import RANDOM_7B, load_model, random_model, resolve_device, resolve_dtype
 
     if model == RANDOM_MODEL:  # benchmarks: random 7B-shaped weights built on the device, no tokenizer
         dev = resolve_device(device)
-        m = random_model(RANDOM_7B, dev, resolve_dtype(dtype, dev))
+        dt = resolve_dtype(dtype, dev)
+        if dev.type == "cpu":
+            cfg = ModelConfig.from_dict(RANDOM_7B)
+            check_host_memory(f"{RANDOM_MODEL} in {str(dt).removeprefix('torch.')}",
+                              cfg.num_params() * dt.itemsize)
+            set_cpu_threads(cfg, threads)
+        m = random_model(RANDOM_7B, dev, dt)
         if m.head_weight.is_cuda:
             m.fuse()
         return LLMEngine(m, None, engine_config)
     path = resolve_model_dir(model, source, cache_dir, revision)
     m = load_model(path, device=device, dtype=dtype, progress=progress)
+    if m.head_weight.device.type == "cpu":
+        set_cpu_threads(m.config, threads)
     if m.head_weight.is_cuda:
         m.fuse()
     cfg = m.config

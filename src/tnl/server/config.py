@@ -8,6 +8,8 @@ import argparse
 import os
 from dataclasses import dataclass, field, fields
 
+from tnl.args import add_model_args, port, positive_int, seconds
+
 DEFAULT_PORT = 6006  # the seed tutorial's port (AutoDL maps it to the user's machine)
 
 
@@ -30,6 +32,9 @@ class ServerConfig:
 
     model: str | None = None
     source: str = "modelscope"  # hub to download from when `model` is an id not in the cache
+    cache_dir: str | None = None  # hub download cache (None: $TNL_CACHE_DIR, else the hub library's)
+    revision: str | None = None   # hub branch, tag or commit
+    threads: int | None = None    # CPU matmul threads (None: derived from the model's size)
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     device: str = "auto"
@@ -52,7 +57,7 @@ class ServerConfig:
         """The name served in /v1/models and accepted in requests' "model" field."""
         if self.served_model_name:
             return self.served_model_name
-        if self.model is None:
+        if self.model in (None, "demo"):   # the bundled demo model (tnl.entrypoints.DEMO_MODEL)
             return "tnl-demo"
         path = self.model.rstrip("/\\")
         if os.path.isdir(path):
@@ -79,49 +84,22 @@ class ServerConfig:
         return cls(**vals)
 
 
-def _checked(text: str, cast, expected: str, ok, out_of_range: str):
-    """argparse type: cast(text), else 'expected <expected>, got <text>'; then ok(value), else
-    out_of_range formatted with {value} and {text}."""
-    try:
-        value = cast(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-    if not ok(value):
-        raise argparse.ArgumentTypeError(out_of_range.format(value=value, text=text))
-    return value
-
-
-def _positive_int(text: str) -> int:
-    return _checked(text, int, "a positive integer", lambda v: v >= 1, "expected a positive integer, got {value}")
-
-
-def _port(text: str) -> int:
-    return _checked(text, int, "a port number", lambda v: 0 <= v <= 65535, "port must be in [0, 65535], got {value}")
-
-
-def _seconds(text: str) -> float:
-    return _checked(text, float, "seconds", lambda v: v >= 0, "expected seconds >= 0, got {text}")
-
-
 def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the `tnl serve` flags to `parser` (its namespace then feeds ServerConfig.from_args).
 
-    `--source` (which hub) is not among them: the CLI shares it with its other commands and
-    adds it itself; `python -m tnl.server` adds it too."""
+    The model flags (--model, --device, --dtype, --source, --cache-dir, --revision, --threads)
+    are tnl.args.add_model_args, shared with the other commands."""
     d = ServerConfig()
-    parser.add_argument("--model", default=None,
-                        help="checkpoint directory or hub id (default: the bundled demo model)")
+    add_model_args(parser)
     parser.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
-    parser.add_argument("--port", type=_port, default=d.port, help=f"port (default {d.port}; 0 picks a free one)")
-    parser.add_argument("--device", default=d.device, help="cuda, cuda:1, cpu or auto (default auto)")
-    parser.add_argument("--dtype", default=d.dtype, help="bfloat16, float16, float32 or auto (default auto)")
-    parser.add_argument("--max-num-seqs", type=_positive_int, default=None,
+    parser.add_argument("--port", type=port, default=d.port, help=f"port (default {d.port}; 0 picks a free one)")
+    parser.add_argument("--max-num-seqs", type=positive_int, default=None,
                         help="state slots = sequences decoded at once (default: as many as memory holds)")
-    parser.add_argument("--max-num-batched-tokens", type=_positive_int, default=None,
+    parser.add_argument("--max-num-batched-tokens", type=positive_int, default=None,
                         help="token budget of one engine step")
-    parser.add_argument("--max-waiting", type=_positive_int, default=None,
+    parser.add_argument("--max-waiting", type=positive_int, default=None,
                         help="requests allowed to wait for a slot; more are refused with 429")
-    parser.add_argument("--max-prompt-tokens", type=_positive_int, default=None,
+    parser.add_argument("--max-prompt-tokens", type=positive_int, default=None,
                         help="longest prompt accepted, in tokens (default: no limit)")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                         help="queue each decode step before reading back the last one's tokens "
@@ -136,7 +114,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="comma-separated origins allowed by CORS, '*' for any (repeatable)")
     parser.add_argument("--log-prompts", action="store_true",
                         help="log prompt and response text in the access log")
-    parser.add_argument("--graceful-shutdown-s", type=_seconds, default=d.graceful_shutdown_s,
+    parser.add_argument("--graceful-shutdown-s", type=seconds, default=d.graceful_shutdown_s,
                         help=f"on SIGTERM / Ctrl-C, seconds in-flight requests may take to finish "
                              f"(default {d.graceful_shutdown_s:g})")
     parser.add_argument("--log-level", default=d.log_level,

@@ -7,8 +7,10 @@ engine shuts down; the process then exits 0. A second Ctrl-C forces the exit.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import signal
+import socket
 import sys
 
 import uvicorn
@@ -31,10 +33,53 @@ def _configure_logging(level: str) -> None:
         root.setLevel(min(root.level, wanted))
 
 
+class StartupError(RuntimeError):
+    """`tnl serve` cannot start: the message says why and what to change (no traceback)."""
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything slow happens, so that a busy port is one
+    clear error at once (uvicorn would report a raw [Errno 98] after the model loaded)."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise StartupError(f"cannot listen on --host {host!r}: {e.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise StartupError(f"port {port} on {host} is already in use (another tnl or server?): stop it, or "
+                               f"pick another port with --port N (--port 0 picks a free one)") from None
+        raise StartupError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(config: ServerConfig) -> int:
-    """Serve `config.model` on config.host:config.port. Returns the process exit code:
-    0 after a clean shutdown, 1 when the model failed to load."""
+    """Serve `config.model` on config.host:config.port. Returns 0 after a clean shutdown.
+
+    Raises StartupError (busy port, a model that is neither a directory nor a hub id, a
+    checkpoint whose config.json tnl cannot run, or weights that failed to load) with a
+    one-line message; the traceback is logged at debug level (`tnl -v serve`)."""
     _configure_logging(config.log_level)
+    from tnl.config import ModelConfig
+    from tnl.entrypoints import RANDOM_MODEL, resolve_model_dir
+
+    sock = listen_socket(config.host, config.port)
+    try:
+        # Mistakes that a directory or hub lookup shows are found before the port opens; a hub
+        # id not in the cache is downloaded here. Only the weights load behind /health's 503.
+        path = config.model
+        if config.model != RANDOM_MODEL:
+            path = resolve_model_dir(config.model, config.source, config.cache_dir, config.revision)
+            ModelConfig.from_file(path)
+    except BaseException:
+        sock.close()
+        raise
     # The engine thread waits for the GPU with the GIL released; when the step is done it must
     # take the GIL back from the event loop, which is busy writing every stream's chunk. CPython
     # makes a waiting thread wait up to the switch interval (5 ms by default) for that: on an H100
@@ -46,9 +91,9 @@ def serve(config: ServerConfig) -> int:
 
     def load_engine():
         log.info("loading %s on %s (%s)", config.model or "the bundled demo model", config.device, config.dtype)
-        return AsyncEngine.from_pretrained(config.model, device=config.device, dtype=config.dtype,
+        return AsyncEngine.from_pretrained(path, device=config.device, dtype=config.dtype,
                                            engine_config=config.engine_config(),
-                                           chat_template_file=config.chat_template, source=config.source)
+                                           chat_template_file=config.chat_template, threads=config.threads)
 
     server: uvicorn.Server | None = None
 
@@ -58,7 +103,7 @@ def serve(config: ServerConfig) -> int:
 
     app = build_app(None, config, load_engine=load_engine, on_load_error=stop)
     server = uvicorn.Server(uvicorn.Config(
-        app, host=config.host, port=config.port, log_config=None, log_level=config.log_level,
+        app, host=config.host, port=sock.getsockname()[1], log_config=None, log_level=config.log_level,
         access_log=False,  # tnl.access logs each request once, with its request id and token counts
         timeout_graceful_shutdown=config.graceful_shutdown_s, lifespan="on"))
     if config.api_key is None and config.host not in ("127.0.0.1", "localhost", "::1"):
@@ -70,11 +115,11 @@ def serve(config: ServerConfig) -> int:
     # receive that re-raised signal.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
+        sock.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if app.state.tnl.load_error is not None:
-        log.error("exiting: the model failed to load (%s)", app.state.tnl.load_error)
-        return 1
+        raise StartupError(f"the model failed to load: {app.state.tnl.load_error}")
     return 0

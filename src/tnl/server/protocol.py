@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator, model_validator
 
+from tnl.config import DEFAULT_SYSTEM_PROMPT
 from tnl.engine.sampling_params import MAX_LOGPROBS, MAX_TOKENS_CAP
 
 # MAX_TOKENS_CAP (1,000,000): a max_tokens above it is a mistake, not a plan; it is refused
@@ -20,7 +21,6 @@ SEED_MAX_NEW_TOKENS = 512            # the tutorial's api.py: model.generate(...
 COMPLETION_DEFAULT_MAX_TOKENS = 16   # OpenAI's default for /v1/completions
 CHAT_DEFAULT_MAX_TOKENS = 4096       # OpenAI has none; a state-space model has no context end to stop at
 MAX_N = 128                          # choices per request (OpenAI's limit)
-SEED_SYSTEM_PROMPT = "You are a helpful assistant."
 
 
 def _strict(default=None, **kw):
@@ -231,7 +231,7 @@ class SeedRequest(_Request):
     def messages(self) -> list[dict[str, str]]:
         history = list(self.history or [])
         system = [] if history and history[0]["role"] == "system" else \
-            [{"role": "system", "content": SEED_SYSTEM_PROMPT}]
+            [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}]
         return system + history + [{"role": "user", "content": self.prompt}]
 
 

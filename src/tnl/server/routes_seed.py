@@ -3,7 +3,7 @@
 POST / takes {"prompt": "你好"} with any content type (the tutorial's api.py reads the body
 with `await request.json()`) and answers, compact and in this key order,
 {"response":"...","status":200,"time":"YYYY-MM-DD HH:MM:SS"} (local time, after generation).
-The prompt goes through the chat template as [system "You are a helpful assistant.", user prompt],
+The prompt goes through the chat template as [system DEFAULT_SYSTEM_PROMPT, user prompt] (tnl.config),
 and generation is greedy with max_new_tokens=512, as the tutorial's `model.generate` is.
 """
 from __future__ import annotations
