@@ -9,6 +9,8 @@ from reference import reference_logits
 from tnl.config import EngineConfig, ModelConfig
 from tnl.engine import LLMEngine, QueueFullError, SamplingParams
 from tnl.engine.engine import COUNTERS
+from tnl.engine.request import Request
+from tnl.engine.sampler import apply_penalties, sample
 from tnl.engine.scheduler import Scheduler
 from tnl.model.transnormer import TransnormerForCausalLM
 
@@ -53,13 +55,27 @@ def prompts(n=6, seed=0):
     return [torch.randint(3, 300, (k,), generator=g).tolist() for k in lens]
 
 
-def ref_greedy(ids, n):
-    ids = list(ids)
-    out = []
+def ref_penalize(logits: torch.Tensor, prompt: list[int], output: list[int], repetition_penalty: float = 1.0,
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> torch.Tensor:
+    """vLLM's penalties on one row [V], an id at a time in float64. Repetition (HF / CTRL): each
+    id in the prompt OR the output, once however often it occurs, a positive logit divided and
+    any other multiplied. Presence and frequency (OpenAI): ids of the OUTPUT only,
+    logit -= frequency * count + presence * (count > 0)."""
+    out = logits.double().clone()
+    for t in set(prompt) | set(output):
+        x = out[t].item()
+        out[t] = x / repetition_penalty if x > 0 else x * repetition_penalty
+    for t in set(output):
+        out[t] -= frequency_penalty * output.count(t) + presence_penalty
+    return out
+
+
+def ref_greedy(ids, n, **penalties):
+    """n greedy tokens of the float64 reference, with `ref_penalize(**penalties)` at each step."""
+    prompt, out = list(ids), []
     for _ in range(n):
-        t = int(reference_logits(SD, CFG, ids)[-1].argmax())
-        out.append(t)
-        ids.append(t)
+        logits = reference_logits(SD, CFG, prompt + out)[-1]
+        out.append(int(ref_penalize(logits, prompt, out, **penalties).argmax()))
     return out
 
 
@@ -174,17 +190,98 @@ def test_sampling_params_validation_names_parameter(kw, name):
         SamplingParams(**kw)
 
 
-def test_penalties_change_distribution_and_stay_deterministic():
-    eng = make_engine()
-    p = prompts(2)[1]
-    base = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
-    pen = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, repetition_penalty=1.8,
-                         frequency_penalty=1.0, presence_penalty=0.5)
-    a = run(eng, [p], base)[0].outputs[0].token_ids
-    b = run(eng, [p], pen)[0].outputs[0].token_ids
-    c = run(eng, [p], pen)[0].outputs[0].token_ids
-    assert b == c
-    assert len(set(b)) >= len(set(a))
+PENALTIES = {
+    "repetition": {"repetition_penalty": 1.7},
+    "repetition_below_1": {"repetition_penalty": 0.6},      # < 1 makes seen ids likelier
+    "presence": {"presence_penalty": 1.3},
+    "frequency": {"frequency_penalty": 0.7},
+    "negative": {"presence_penalty": -0.8, "frequency_penalty": -0.3},
+    "combined": {"repetition_penalty": 1.4, "presence_penalty": 0.5, "frequency_penalty": 0.9},
+}
+
+
+def _request(prompt: list[int], output: list[int], **params) -> Request:
+    r = Request("r", list(prompt), SamplingParams(**{"temperature": 0, **params}), frozenset())
+    r.output_token_ids = list(output)
+    return r
+
+
+@pytest.mark.parametrize("output", [[49, 7, 5, 7, 7, 0], []], ids=["output", "first_token"])
+@pytest.mark.parametrize("kind", list(PENALTIES))
+def test_apply_penalties_matches_reference(kind, output):
+    """Every id of one row against `ref_penalize`: 9 only in the prompt (repetition only), 7 only
+    in the output (3 times), 5, 0 and 49 (the vocabulary's edges) in both, with either sign."""
+    V = 50
+    logits = torch.randn(V, generator=torch.Generator().manual_seed(0)) * 2
+    logits[[0, 5, 7, 9, 49]] = torch.tensor([2.0, 0.7, 1.1, -2.2, -1.5])
+    prompt = [0, 5, 5, 9, 49]
+    got = logits.clone()
+    apply_penalties(got, _request(prompt, output, **PENALTIES[kind]))
+    want = ref_penalize(logits, prompt, output, **PENALTIES[kind])
+    assert (got.double() - want).abs().max() < 1e-5
+    # Presence and frequency before the first output token: the row is left exactly as it was.
+    assert torch.equal(got, logits) == (not output and "repetition_penalty" not in PENALTIES[kind])
+
+
+def test_sample_applies_each_rows_own_penalties():
+    """One sample() call over rows with and without penalties: each row's token is the argmax of
+    its own row under `ref_penalize`, and the designed rows are exactly those where the penalty
+    moves the argmax. Logprobs stay those of the raw logits (vLLM's default)."""
+    V = 50
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, V, generator=g) * 0.5
+    logits[4] = -2 - torch.rand(V, generator=g)        # a row of negative logits only
+    rows = [  # (prompt, output, params, {id: logit}, the penalty moves the argmax)
+        # No penalties: its top id is seen three times and stays on top.
+        ([49], [49, 49], {}, {49: 4.0, 3: 3.9}, False),
+        # Repetition over the prompt: 4.0 / 2 falls below 3.5.
+        ([0, 11], [], {"repetition_penalty": 2.0}, {0: 4.0, 1: 3.5}, True),
+        # Presence over the output only: 13 (output) drops, 12 (prompt only) does not.
+        ([12], [13], {"presence_penalty": 1.0, "logprobs": 2}, {12: 4.0, 13: 4.5}, True),
+        # Frequency counts: 3 x 0.2 moves 14 below 15, one occurrence would not.
+        ([2], [14, 14, 14], {"frequency_penalty": 0.2}, {14: 4.3, 15: 4.0}, True),
+        # A negative logit is multiplied (divided, it would rise and stay on top).
+        ([16], [], {"repetition_penalty": 3.0}, {16: -0.5, 17: -0.9}, True),
+        # Sampled (top_k 1), all three: 49 -> 4.0 / 1.5, 0 -> 3.8 / 1.5 - 0.5 - 0.5, so 20 wins.
+        ([49], [0], {"temperature": 1.0, "top_k": 1, "repetition_penalty": 1.5, "presence_penalty": 0.5,
+                     "frequency_penalty": 0.5}, {49: 4.0, 0: 3.8, 20: 2.9}, True),
+    ]
+    reqs = []
+    for i, (prompt, output, params, values, _) in enumerate(rows):
+        logits[i, list(values)] = torch.tensor(list(values.values()))
+        reqs.append(_request(prompt, output, **params))
+    want = [ref_penalize(logits[i], prompt, output, **{k: v for k, v in params.items() if "penalty" in k})
+            for i, (prompt, output, params, _, _) in enumerate(rows)]
+    assert [bool(w.argmax() != l.argmax()) for w, l in zip(want, logits)] == [r[4] for r in rows]
+    res = sample(logits.clone(), reqs).resolve()
+    assert res.token_ids == [int(w.argmax()) for w in want]
+    raw = torch.log_softmax(logits[2].double(), dim=-1)
+    assert res.token_ids[2] == 12 and abs(res.sampled_logprob[2] - raw[12].item()) < 1e-5
+    assert res.logprobs[2].keys() == {12, 13} and abs(res.logprobs[2][13] - raw[13].item()) < 1e-5
+
+
+# A prompt whose greedy continuation repeats its own last token (26), with 180 close behind:
+# each penalty changes the tokens at a different step, which shows what it counts.
+PENALTY_PROMPT = [62, 99, 60, 26]
+E2E_PENALTIES = [
+    {},
+    {"repetition_penalty": 1.5},      # the prompt's 26 counts: 180 from the first token
+    {"presence_penalty": 2.0},        # only the output counts: 26 first, then 180
+    {"frequency_penalty": 1.0},       # 26 until three of them outweigh the gap
+    {"repetition_penalty": 1.2, "presence_penalty": 0.2, "frequency_penalty": 1.5},
+]
+
+
+def test_penalties_in_one_batch_match_the_penalized_reference():
+    """Greedy generation with each penalty, all in one batch beside an unpenalized row: exactly
+    the tokens of the float64 reference model with `ref_penalize` applied at each step."""
+    eng = make_engine(max_num_seqs=len(E2E_PENALTIES))
+    params = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, **p) for p in E2E_PENALTIES]
+    got = [o.outputs[0].token_ids for o in run(eng, [PENALTY_PROMPT] * len(params), params)]
+    want = [ref_greedy(PENALTY_PROMPT, 12, **p) for p in E2E_PENALTIES]
+    assert got == want
+    assert want[0] == [26] * 12 and all(w != want[0] for w in want[1:])
+    assert len({tuple(w) for w in want}) == len(want)
 
 
 def test_scheduler_long_prompt_does_not_stall_decode():
