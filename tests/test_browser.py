@@ -13,8 +13,10 @@ from __future__ import annotations
 import os
 import re
 import socket
+import struct
 import threading
 import time
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -343,3 +345,57 @@ def test_errors_in_plain_words(page, server):
     page.get_by_label("Max tokens").fill("8")
     page.get_by_role("button", name="Send").click()
     expect(alert).to_contain_text("Cannot reach the server")
+
+
+def test_docs_render_offline(page, server):
+    """/docs is Swagger UI from files the server ships: every request the page makes stays on
+    loopback (any other is refused, as behind an air gap or a blocked CDN), without the API key."""
+    outside, failed, bad = [], [], []
+
+    def loopback_only(route):
+        if urlsplit(route.request.url).hostname in ("127.0.0.1", "localhost"):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort("internetdisconnected")
+
+    page.route("**/*", loopback_only)
+    page.on("requestfailed", lambda r: failed.append(r.url))
+    page.on("response", lambda r: bad.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    page.goto(server.url + "/docs")
+    expect(page).to_have_title("tnl - Swagger UI")
+    expect(page.locator(".swagger-ui .info .title")).to_contain_text("tnl")
+    chat = page.locator('.opblock-summary-path[data-path="/v1/chat/completions"]')
+    expect(chat).to_be_visible()
+    chat.click()  # the operation opens with its request body schema, read from /openapi.json
+    expect(page.locator(".opblock.is-open")).to_contain_text("Request body")
+    expect(page.locator('link[rel~="icon"]')).to_have_attribute("href", "/favicon.ico")
+    screenshot(page, "browser-docs.png")
+    assert not outside, f"the docs page asked for files off this machine: {outside}"
+    assert not failed and not bad, f"requests that failed: {failed + bad}"
+
+    # The docs page and its schema have metrics labels of their own; its files count as /static.
+    metrics = requests.get(server.url + "/metrics", headers=AUTH, timeout=10).text
+    for route in ("/docs", "/openapi.json", "/static"):
+        assert re.search(rf'^tnl_requests_total{{route="{route}",status="200"}} [1-9]', metrics, re.M), route
+
+
+def test_favicon(page, server):
+    r = requests.get(server.url + "/favicon.ico", timeout=10)  # no key, like the page itself
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/vnd.microsoft.icon"
+    # an ICO directory (reserved 0, type 1) whose entries point at PNG images inside the file
+    reserved, kind, count = struct.unpack_from("<HHH", r.content)
+    assert (reserved, kind) == (0, 1) and count >= 1
+    for i in range(count):
+        size, offset = struct.unpack_from("<II", r.content, 6 + 16 * i + 8)
+        assert offset + size <= len(r.content)
+        assert r.content[offset:offset + 8] == b"\x89PNG\r\n\x1a\n"
+
+    page.goto(server.url + "/")
+    expect(page.locator('link[rel~="icon"]')).to_have_attribute("href", "/favicon.ico")
+    width, height = page.evaluate("""async () => {
+      const img = new Image(); img.src = "/favicon.ico"; await img.decode();
+      return [img.naturalWidth, img.naturalHeight];
+    }""")
+    assert width == height and width in (16, 32)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import threading
 import time
 import uuid
@@ -19,8 +20,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -37,7 +39,10 @@ access_log = logging.getLogger("tnl.access")
 # Reachable without the API key: liveness for load balancers, and the chat page with its files
 # and the API docs (pages only; everything they call needs the key).
 OPEN_PATHS = {"/health", "/", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/favicon.ico"}
-OPEN_PREFIXES = ("/static/",)
+OPEN_PREFIXES = ("/static/",)  # the chat page's files, and the docs' under /static/docs/
+
+# 32x32 and 16x16 PNGs in one ICO container, drawn for tnl with Python's zlib and struct.
+FAVICON = os.path.join(routes_seed.STATIC_DIR, "favicon.ico")
 
 
 class APIKeyMiddleware:
@@ -173,16 +178,29 @@ def build_app(engine, server_config: ServerConfig, *, load_engine: Callable[[], 
                 await asyncio.to_thread(state.engine.shutdown)
                 log.info("engine shut down")
 
-    app = FastAPI(title="tnl", version=tnl.__version__, lifespan=lifespan, redoc_url=None,
-                  description="TransNormerLLM serving: the seed tutorial's POST /, an OpenAI-compatible "
-                              "API under /v1, and operations routes.")
+    # /docs works offline: FastAPI's own page loads Swagger UI from a CDN that users in China and
+    # air-gapped networks cannot reach. fastapi-offline ships Swagger UI 5's files and does FastAPI's
+    # "self-hosting JavaScript and CSS for docs" recipe (/docs and /docs/oauth2-redirect kept);
+    # chosen over swagger-ui-bundle, whose last release (2023) is still Swagger UI 4 in a
+    # wheel three times the size. Its files are mounted at /static/docs, ahead of the chat
+    # page's /static mount, so the key check and the metrics label treat them as static files.
+    app = FastAPIOffline(title="tnl", version=tnl.__version__, lifespan=lifespan, redoc_url=None,
+                         static_url="/static/docs", favicon_url="/favicon.ico",
+                         description="TransNormerLLM serving: the seed tutorial's POST /, an OpenAI-compatible "
+                                     "API under /v1, and operations routes.")
     app.state.tnl = state
     install_error_handlers(app)
     routers = (routes_seed.router, routes_openai.router, routes_ops.router)
     for router in routers:
         app.include_router(router)
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():
+        return FileResponse(FAVICON, media_type="image/vnd.microsoft.icon")
+
+    # fastapi-offline sets FastAPI's docs_url to None: its page is an ordinary route at /docs
     known_paths = frozenset({route.path for router in routers for route in router.routes}
-                            | {app.docs_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url})
+                            | {"/docs", app.swagger_ui_oauth2_redirect_url, app.openapi_url, "/favicon.ico"})
     app.mount("/static", StaticFiles(directory=routes_seed.STATIC_DIR, check_dir=False), name="static")
     if server_config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=server_config.api_key)
