@@ -1,8 +1,10 @@
 """The offline API and `tnl generate` on a tiny checkpoint with a real SentencePiece tokenizer."""
 from __future__ import annotations
 
+import codecs
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -28,16 +30,57 @@ def llm(ckpt):
     return LLM(ckpt, device="cpu", max_num_seqs=4, max_num_batched_tokens=32)
 
 
+def _without_unfinished_character(tok, ids: list[int]) -> list[int]:
+    """ids less the byte pieces (<0xNN>) at their end that begin a UTF-8 character but do not
+    finish it."""
+    tail = b""
+    while len(tail) < 3 and len(tail) < len(ids) \
+            and re.fullmatch(r"<0x[0-9A-F]{2}>", piece := tok.id_to_piece(ids[-1 - len(tail)])):
+        tail = bytes([int(piece[3:5], 16)]) + tail
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    decoder.decode(tail, final=False)
+    return ids[:len(ids) - len(decoder.getstate()[0])]
+
+
+def expected_text(tok, prompt: list[int], generated: list[int]) -> str:
+    """The text of a completion that no stop string cut: what the generated ids add after the
+    prompt, decode(prompt + generated)[len(decode(prompt)):]. It keeps the space of a leading
+    "▁" piece, which decode(generated) alone drops (why the old test accepted any text without
+    U+FFFD). A prompt ending inside a character is no context for those bytes: the generated
+    bytes decode on their own. An unfinished character at the end is U+FFFD, as in decode."""
+    prompt = _without_unfinished_character(tok, prompt)
+    prefix, full = tok.decode(prompt), tok.decode(prompt + generated)
+    assert full.startswith(prefix)
+    return full[len(prefix):]
+
+
 def test_generate_strings_and_ids(llm):
-    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    outs = llm.generate(["你好", "Hello world", [1, 50, 60, 70]], sp)
-    assert len(outs) == 3
-    assert outs[0].prompt == "你好" and outs[0].prompt_token_ids == llm.tokenizer.encode("你好")
-    assert outs[2].prompt_token_ids == [1, 50, 60, 70]
-    for o in outs:
-        c = o.outputs[0]
-        assert len(c.token_ids) == 12 and c.finish_reason == "length"
-        assert c.text == llm.tokenizer.decode(c.token_ids) or "\ufffd" not in c.text
+    tok = llm.tokenizer
+    e2 = next(i for i in range(tok.vocab_size) if tok.id_to_piece(i) == "<0xE2>")
+    mid_character = [1, 50, e2]   # "-", then the first of a 3-byte character's bytes
+    prompts = ["你好", "Hello world", [1, 50, 60, 70], mid_character]
+    # Greedy, then two seeds whose samples start with "▁" pieces, continue a prompt's unfinished
+    # character with stray bytes, and end inside a character.
+    runs = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)] + \
+        [SamplingParams(max_tokens=12, temperature=5.0, seed=s, ignore_eos=True) for s in (8, 28)]
+    cases = []
+    for sp in runs:
+        outs = llm.generate(prompts, sp)
+        assert len(outs) == 4
+        assert outs[0].prompt == "你好" and outs[0].prompt_token_ids == tok.encode("你好")
+        assert outs[2].prompt_token_ids == [1, 50, 60, 70] and outs[2].prompt is None
+        for o in outs:
+            c = o.outputs[0]
+            assert len(c.token_ids) == 12 and c.finish_reason == "length" and c.stop_reason is None
+            assert c.text == expected_text(tok, o.prompt_token_ids, c.token_ids)
+            cases.append((o.prompt_token_ids, c))
+    # The rule's branches are all exercised: a kept leading space, a prompt's unfinished
+    # character left out of the context, an unfinished character at the end.
+    assert any(c.text == " " + tok.decode(c.token_ids) for _, c in cases)
+    assert any(p == mid_character and c.text != tok.decode(p + c.token_ids)[len(tok.decode(p)):]
+               for p, c in cases)
+    assert any(c.text.endswith("\ufffd") and _without_unfinished_character(tok, c.token_ids) != c.token_ids
+               for _, c in cases)
 
 
 def test_batch_equals_one_at_a_time_and_repeatable(llm):
