@@ -12,7 +12,7 @@ import logging
 import statistics
 import time
 
-from tnl.args import positive_int
+from tnl.args import add_model_args
 from tnl.config import EngineConfig, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -82,10 +82,9 @@ def bench(args) -> dict:
 
     from tnl.engine import LLMEngine
     from tnl.entrypoints import RANDOM_MODEL, check_host_memory, set_cpu_threads
-    from tnl.model.weights import RANDOM_7B, random_model
+    from tnl.model.weights import RANDOM_7B, random_model, resolve_dtype
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
-             "float32": torch.float32, "float16": torch.float16}[args.dtype]
+    dtype = resolve_dtype(args.dtype, device)
     out: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                  "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     out.update(measure_ceilings(device))
@@ -101,7 +100,8 @@ def bench(args) -> dict:
     else:
         from tnl.entrypoints import resolve_model_dir
         from tnl.model.weights import load_model
-        model = load_model(resolve_model_dir(args.model), device=str(device), dtype=args.dtype)
+        model = load_model(resolve_model_dir(args.model, args.source, args.cache_dir, args.revision),
+                           device=str(device), dtype=args.dtype)
     if device.type == "cuda":
         model.fuse()
     out["load_s"] = time.perf_counter() - t0
@@ -169,12 +169,8 @@ def bench(args) -> dict:
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="'random-7b' (random weights with the 7B's shapes), 'demo', a path or a hub id "
-                        "(default: random-7b on a GPU, demo on the CPU)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (see tnl serve --help)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
+    add_model_args(p, model_help="'random-7b' (random weights with the 7B's shapes), 'demo', a path or a hub id "
+                                 "(default: random-7b on a GPU, demo on the CPU)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)

@@ -130,10 +130,12 @@ class LLM:
     def __init__(self, model: str | None = None, device: str = "auto", dtype: str = "auto",
                  max_num_seqs: int | None = None, max_num_batched_tokens: int = 2048,
                  chat_template: str | None = None, source: str = "modelscope", cache_dir: str | None = None,
-                 revision: str | None = None, cuda_graphs: bool = True, progress: bool = True):
+                 revision: str | None = None, cuda_graphs: bool = True, progress: bool = True,
+                 threads: int | None = None):
         ec = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           max_waiting=1 << 30, cuda_graphs=cuda_graphs)
-        self.engine = build_engine(model, device, dtype, ec, chat_template, source, cache_dir, revision, progress)
+        self.engine = build_engine(model, device, dtype, ec, chat_template, source, cache_dir, revision, progress,
+                                   threads=threads)
         self.tokenizer = self.engine.tokenizer
 
     def _encode(self, prompt: str | list[int]) -> tuple[list[int], str | None]:
