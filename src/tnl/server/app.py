@@ -156,7 +156,9 @@ def build_app(engine, server_config: ServerConfig, *, load_engine: Callable[[], 
             eng = load_engine()
         except BaseException as e:
             state.load_error = f"{type(e).__name__}: {e}"
-            log.exception("loading the model failed")
+            # one line; `serve` ends with it. The traceback is for -v (a user's mistake is not a crash)
+            log.error("loading the model failed: %s", state.load_error)
+            log.debug("loading the model failed", exc_info=True)
             if on_load_error is not None:
                 on_load_error()
             return
