@@ -103,13 +103,20 @@ def test_batched_equals_one_at_a_time(budget, slots):
 
 
 def test_same_request_twice_same_tokens():
-    """The official code leaks LRPE positions from one call into the next; tnl must not."""
-    eng = make_engine()
+    """A request in a slot used before starts from a zero state: the official code leaks LRPE
+    positions from one call into the next, and a slot not zeroed would carry the last
+    request's state. The prompt logprobs show it; the tiny model's greedy tokens are too peaked
+    to (they did not change when the slot was left unzeroed)."""
+    eng = make_engine(max_num_seqs=1)    # the second request gets the first one's slot
     p = prompts(3)[2]
-    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    a = run(eng, [p], sp)[0].outputs[0].token_ids
-    b = run(eng, [p], sp)[0].outputs[0].token_ids
-    assert a == b
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, prompt_logprobs=0)
+    a, b = (run(eng, [p], sp)[0] for _ in range(2))
+    ref = torch.log_softmax(reference_logits(SD, CFG, p), dim=-1)
+    want = [ref[i - 1, p[i]].item() for i in range(1, len(p))]
+    for o in (a, b):
+        assert o.outputs[0].token_ids == ref_greedy(p, 12)
+        got = [o.prompt_logprobs[i][p[i]] for i in range(1, len(p))]
+        assert max(abs(x - y) for x, y in zip(got, want)) < 1e-4
 
 
 def test_logprobs_and_prompt_logprobs_match_reference():
@@ -144,13 +151,20 @@ def test_scoring_with_max_tokens_zero():
 
 
 def test_stop_token_ids_and_eos():
-    eng = make_engine()
+    """A stop token id, and the model's eos id unless ignore_eos, end the request at its first
+    occurrence (k >= 3, not the first token: the greedy stream repeats one token), included."""
     p = prompts(2)[1]
-    free = run(eng, [p], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0].outputs[0].token_ids
-    stop_at = free[3]
-    o = run(eng, [p], SamplingParams(max_tokens=8, temperature=0, stop_token_ids=[stop_at]))[0].outputs[0]
-    k = free.index(stop_at)
-    assert o.token_ids == free[:k + 1] and o.finish_reason == "stop" and o.stop_reason == stop_at
+    g, k = _seeded_with_new_token(p)
+    sp = {"max_tokens": 12, "temperature": 4.0, "seed": 5}
+    o = run(make_engine(), [p], SamplingParams(**sp, stop_token_ids=[g[k]], ignore_eos=True))[0].outputs[0]
+    assert o.token_ids == g[:k + 1] and o.finish_reason == "stop" and o.stop_reason == g[k]
+
+    m = TransnormerForCausalLM(ModelConfig.from_dict({**CFG, "eos_token_id": g[k]}))
+    m.load_state_dict(SD)
+    eng = LLMEngine(m.eval(), None, EngineConfig(max_num_seqs=2, async_scheduling=ASYNC[0]))
+    stopped, ignored = run(eng, [p, p], [SamplingParams(**sp), SamplingParams(**sp, ignore_eos=True)])
+    assert stopped.outputs[0].token_ids == g[:k + 1] and stopped.outputs[0].finish_reason == "stop"
+    assert ignored.outputs[0].token_ids == g and ignored.outputs[0].finish_reason == "length"
 
 
 def test_abort_frees_slot_and_queue_bound():
@@ -285,20 +299,23 @@ def test_penalties_in_one_batch_match_the_penalized_reference():
 
 
 def test_scheduler_long_prompt_does_not_stall_decode():
-    """Each step has a decode token for every running stream, whatever waits to be prefilled."""
+    """Each step has a decode token for every running stream, and the long prompt's chunks fill
+    the rest of the budget (it is not starved either) until it decodes too."""
     s = Scheduler(num_slots=4, max_num_batched_tokens=16, max_waiting=10)
-    from tnl.engine.request import Request
     short = Request("a", [1, 2], SamplingParams(), frozenset())
     long = Request("b", list(range(3, 100)), SamplingParams(), frozenset())
     s.add(short)
-    b = s.schedule()
+    s.schedule()
     short.num_computed = 2
     s.add(long)
-    for _ in range(5):
+    chunks = []
+    while not long.prefill_done:
         b = s.schedule()
-        assert b.decode == [short] and b.num_tokens <= 16
-        for r, n in b.prefill:
-            r.num_computed += n
+        assert b.decode == [short] and [r for r, _ in b.prefill] == [long]
+        chunks.append(b.prefill[0][1])
+        long.num_computed += chunks[-1]
+    assert chunks == [15] * 6 + [7]     # 97 prompt tokens; one of each step's 16 goes to `short`
+    assert s.schedule().decode == [short, long]
 
 
 def test_state_pool_copy_and_snapshot_fork_a_sequence():
@@ -351,24 +368,29 @@ def test_stop_strings_without_tokenizer_are_refused():
 
 
 def test_async_engine_refuses_a_live_duplicate_request_id():
+    """The first request asks for far more tokens than the test reads, so it surely still runs
+    when the duplicate comes (with 5 tokens the engine thread could finish it first, and the
+    duplicate was rightly accepted: the test failed now and then). It goes on unharmed."""
     import asyncio
     from tnl.engine import AsyncEngine
     eng = AsyncEngine(make_engine())
+    want = ref_greedy([5, 6, 7], 8)
 
     async def main():
-        sp = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
-        first = eng.generate([5, 6, 7], sp, "same")
-        out = await first.__anext__()
+        first = eng.generate([5, 6, 7], SamplingParams(max_tokens=100_000, temperature=0, ignore_eos=True), "same")
+        toks = list((await first.__anext__()).outputs[0].token_ids)
         with pytest.raises(ValueError, match="already in use"):
-            async for _ in eng.generate([8, 9], sp, "same"):
+            async for _ in eng.generate([8, 9], SamplingParams(max_tokens=5), "same"):
                 pass
-        toks = list(out.outputs[0].token_ids)
-        async for o in first:                     # the first stream still runs to the end
+        async for o in first:                     # the first stream goes on
             toks += o.outputs[0].token_ids
+            if len(toks) >= len(want):
+                break
+        await first.aclose()                      # aborts it
         return toks
 
     try:
-        assert len(asyncio.run(main())) == 5
+        assert asyncio.run(main())[:len(want)] == want
     finally:
         eng.shutdown()
 
