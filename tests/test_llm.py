@@ -85,22 +85,40 @@ def test_generate_strings_and_ids(llm):
 
 def test_batch_equals_one_at_a_time_and_repeatable(llm):
     prompts = ["你好", "Hello world, this is a longer prompt with several words in it.", "a", "春眠不觉晓"]
-    sp = [SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=i, ignore_eos=True) for i in range(4)]
+    # Hot enough to leave the greedy path: the tiny model is so peaked that at temperature 0.8,
+    # top_p 0.9 every sample was the greedy token, and a sampler ignoring seeds passed.
+    def params(seed: int) -> SamplingParams:
+        return SamplingParams(max_tokens=10, temperature=5.0, top_p=0.9, seed=seed, ignore_eos=True)
+
+    sp = [params(i) for i in range(4)]
     together = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
     alone = [llm.generate([p], s)[0].outputs[0].token_ids for p, s in zip(prompts, sp)]
     assert together == alone
     again = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
     assert again == together
+    greedy = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
+    other_seeds = llm.generate(prompts, [params(i + 4) for i in range(4)])
+    for t, g, o in zip(together, greedy, other_seeds):
+        assert t != g.outputs[0].token_ids and t != o.outputs[0].token_ids
 
 
 def test_stop_string_cuts_text(llm):
-    sp = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
-    full = llm.generate("Hello", sp)[0].outputs[0].text
-    assert len(full) > 4
-    stop = full[2:4]
-    o = llm.generate("Hello", SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop=[stop]))[0].outputs[0]
+    """The text ends where the stop string first begins, after some text (the greedy text
+    repeats one letter, so its stop matched at 0 and a text cut to "" passed), and generation
+    ends with the token that completed it."""
+    sp = SamplingParams(max_tokens=20, temperature=5.0, seed=1, ignore_eos=True)
+    full = llm.generate("Hello", sp)[0].outputs[0]
+    stop = full.text[5:7]
+    at = full.text.find(stop)
+    assert at >= 3 and "\ufffd" not in stop
+    out = llm.generate("Hello", SamplingParams(max_tokens=20, temperature=5.0, seed=1, ignore_eos=True, stop=[stop]))[0]
+    o = out.outputs[0]
     assert o.finish_reason == "stop" and o.stop_reason == stop
-    assert o.text == full[:full.find(stop)]
+    assert o.text == full.text[:at]
+    assert o.token_ids == full.token_ids[:len(o.token_ids)]
+    # Its last token completed the stop string.
+    assert stop in expected_text(llm.tokenizer, out.prompt_token_ids, o.token_ids)
+    assert stop not in expected_text(llm.tokenizer, out.prompt_token_ids, o.token_ids[:-1])
 
 
 def test_chat_applies_template(llm):
