@@ -15,8 +15,8 @@ import torch
 
 from tnl.bench import run_requests
 from tnl.config import EngineConfig
-from tnl.engine.engine import COUNTERS
-from tnl.entrypoints import build_engine
+from tnl.engine.core import COUNTERS
+from tnl.loading import build_engine
 
 
 def main() -> None:

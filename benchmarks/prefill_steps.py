@@ -15,7 +15,7 @@ import torch
 
 from tnl.config import EngineConfig
 from tnl.engine import SamplingParams
-from tnl.entrypoints import build_engine
+from tnl.loading import build_engine
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
         return torch.randint(3, V, (n,), generator=g).tolist()
 
     def settle():
-        while eng._in_flight is not None or any(r.num_computed < r.num_prompt for r in eng.requests.values()
+        while eng.core._in_flight is not None or any(r.num_computed < r.num_prompt for r in eng.requests.values()
                                                  if not r.finished):
             eng.step()
         sync()

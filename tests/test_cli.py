@@ -13,7 +13,7 @@ import requests
 
 from helpers_server import ServerProcess
 from tnl.config import DEFAULT_SYSTEM_PROMPT
-from tnl.entrypoints import DEMO_MODEL_DIR, available_memory
+from tnl.loading import DEMO_MODEL_DIR, available_memory
 
 STATIC_INDEX = os.path.join(os.path.dirname(DEMO_MODEL_DIR), "server", "static", "index.html")
 
@@ -91,7 +91,7 @@ def test_cpu_threads(threads, expected):
 
 def test_threads_scale_with_model_size():
     code = ("import torch; torch.set_num_threads(8); from tnl.config import ModelConfig; "
-            "from tnl.model.weights import RANDOM_7B; from tnl.entrypoints import set_cpu_threads; "
+            "from tnl.model.weights import RANDOM_7B; from tnl.loading import set_cpu_threads; "
             "set_cpu_threads(ModelConfig.from_dict(RANDOM_7B), None); print(torch.get_num_threads())")
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)

@@ -5,7 +5,7 @@ import os
 import re
 
 from tnl import LLM, SamplingParams
-from tnl.entrypoints import DEMO_MODEL_DIR
+from tnl.loading import DEMO_MODEL_DIR
 
 
 def test_demo_files_are_small_and_complete():

@@ -183,7 +183,7 @@ def test_loss_went_down_and_metrics_recorded(trained):
 def test_engine_tokenizer_reads_the_demo_files_as_training_did(trained):
     """tnl's own tokenizer, reading the shipped files, builds the same prompt ids that training
     used for the same chat, decodes the answer back, and stops on </s> and <|im_end|>."""
-    from tnl.engine.engine import generation_stop_ids
+    from tnl.loading import generation_stop_ids
     from tnl.model.tokenizer import Tokenizer
 
     out, data = trained["out"], trained["data"]

@@ -8,7 +8,7 @@ from helpers_model import random_state_dict, tiny_config
 from reference import reference_logits
 from tnl.config import EngineConfig, ModelConfig
 from tnl.engine import LLMEngine, QueueFullError, SamplingParams
-from tnl.engine.engine import COUNTERS
+from tnl.engine.core import COUNTERS
 from tnl.engine.request import Request
 from tnl.engine.sampler import apply_penalties, sample
 from tnl.engine.scheduler import Scheduler
@@ -466,7 +466,7 @@ def _mixed_workload(eng: LLMEngine):
     while eng.has_work:
         eng.step()
         steps += 1
-        overlapped += eng._in_flight is not None
+        overlapped += eng.core._in_flight is not None
         if steps == 6:
             reqs += [eng.add_request(p, sp) for p, sp in zip(ps[4:], kinds[4:])]
         assert steps < 1000
@@ -516,10 +516,10 @@ def test_warm_up_leaves_the_engine_as_new():
     """The start-up warm-up (run on CUDA before the engine reports ready) frees its slots,
     restores the token budget, and leaves no trace in later requests' outputs."""
     eng = make_engine(max_num_batched_tokens=100)
-    eng._warm_up()
+    eng.core.warm_up()
     assert eng.scheduler.stats() == {"running": 0, "waiting": 0, "slots_used": 0, "slots_total": 4}
     assert not eng.requests and not eng.has_work and eng.scheduler.max_num_batched_tokens == 100
-    assert eng.counters == COUNTERS   # the warm-up's steps are not counted
+    assert eng.core.counters == COUNTERS   # the warm-up's steps are not counted
     p = prompts(3)[2]
     out = run(eng, [p], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
     assert out.outputs[0].token_ids == ref_greedy(p, 5)

@@ -38,13 +38,14 @@ def test_health_is_503_until_the_model_is_loaded(model_dir):
     """A real uvicorn server in a thread; the (real) engine load waits for a gate."""
     from tnl.config import EngineConfig
     from tnl.engine import AsyncEngine
+    from tnl.loading import build_engine
     from tnl.server.app import build_app
 
     gate = threading.Event()
 
     def load():
         assert gate.wait(60)
-        return AsyncEngine.from_pretrained(model_dir, device="cpu", engine_config=EngineConfig(max_num_seqs=2))
+        return AsyncEngine(build_engine(model_dir, device="cpu", engine_config=EngineConfig(max_num_seqs=2)))
 
     port = free_port()
     app = build_app(None, ServerConfig(model=model_dir, port=port), load_engine=load)

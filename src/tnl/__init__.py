@@ -8,7 +8,7 @@ __all__ = ["LLM", "SamplingParams", "__version__"]
 
 def __getattr__(name):  # lazy: `tnl --help` should not pay for importing torch
     if name == "LLM":
-        from tnl.entrypoints import LLM
+        from tnl.llm import LLM
         return LLM
     if name == "SamplingParams":
         from tnl.engine.sampling_params import SamplingParams

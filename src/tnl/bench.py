@@ -13,7 +13,7 @@ import statistics
 import time
 
 from tnl.args import add_model_args
-from tnl.config import EngineConfig, ModelConfig
+from tnl.config import ModelConfig, engine_config
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def bench(args) -> dict:
     import torch
 
     from tnl.engine import LLMEngine
-    from tnl.entrypoints import RANDOM_MODEL, check_host_memory, set_cpu_threads
+    from tnl.loading import RANDOM_MODEL, check_host_memory, set_cpu_threads
     from tnl.model.weights import RANDOM_7B, random_model, resolve_dtype
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_dtype(args.dtype, device)
@@ -98,7 +98,7 @@ def bench(args) -> dict:
                               ModelConfig.from_dict(RANDOM_7B).num_params() * dtype.itemsize)
         model = random_model(RANDOM_7B, device, dtype)
     else:
-        from tnl.entrypoints import resolve_model_dir
+        from tnl.loading import resolve_model_dir
         from tnl.model.weights import load_model
         model = load_model(resolve_model_dir(args.model, args.source, args.cache_dir, args.revision),
                            device=str(device), dtype=args.dtype)
@@ -114,7 +114,7 @@ def bench(args) -> dict:
     out["kernels"] = backend_names(device)
     max_bs = max(args.batch_sizes)
     t0 = time.perf_counter()
-    ec = EngineConfig(max_num_seqs=max_bs, max_num_batched_tokens=max(args.max_num_batched_tokens, max_bs),
+    ec = engine_config(max_num_seqs=max_bs, max_num_batched_tokens=max(args.max_num_batched_tokens, max_bs),
                       max_waiting=1 << 20, cuda_graphs=not args.no_cuda_graphs,
                       async_scheduling=args.async_scheduling)
     engine = LLMEngine(model, None, ec)

@@ -46,9 +46,9 @@ def _sampling_params(a):
 
 
 def _engine(a, max_num_seqs: int = 4):
-    from tnl.config import EngineConfig
-    from tnl.entrypoints import build_engine
-    return build_engine(a.model, a.device, a.dtype, EngineConfig(max_num_seqs=max_num_seqs),
+    from tnl.config import engine_config
+    from tnl.loading import build_engine
+    return build_engine(a.model, a.device, a.dtype, engine_config(max_num_seqs=max_num_seqs),
                         a.chat_template, a.source, a.cache_dir, a.revision, progress=sys.stderr.isatty(),
                         threads=a.threads)
 
@@ -60,15 +60,13 @@ def _system(a) -> list[dict]:
 def _stream(engine, ids: list[int], params, on_text) -> object:
     """Run one request to the end, calling on_text with each new piece; returns the final output."""
     req = engine.add_request(ids, params)
-    sent = 0
     try:
         while not req.finished:
             engine.step()
-            delta = engine.take_delta(req, sent, False)
-            sent = len(req.output_token_ids)
+            delta = engine.take_delta(req)
             if delta.outputs[0].text:
                 on_text(delta.outputs[0].text)
-        tail = engine.take_delta(req, sent, False).outputs[0].text
+        tail = engine.take_delta(req).outputs[0].text
         if tail:
             on_text(tail)
         return engine.final_output(req)

@@ -210,11 +210,11 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048       # token budget of one step (decode tokens + prefill chunks)
     max_waiting: int = 256                   # bounded waiting queue
     max_prompt_tokens: int | None = None     # None: no limit besides memory
-    max_model_len: int | None = None         # prompt + output limit; None: unlimited (state is fixed-size)
     cuda_graphs: bool = True
     async_scheduling: bool | None = None    # overlap host work with the next decode step; None: on for CUDA
 
-    def replace(self, **kw) -> "EngineConfig":
-        vals = {f.name: getattr(self, f.name) for f in fields(self)}
-        vals.update(kw)
-        return EngineConfig(**vals)
+
+def engine_config(**options) -> EngineConfig:
+    """The EngineConfig for options that may be None (None keeps the default): the one way the
+    CLI, `LLM`, the server and `tnl bench` build it."""
+    return EngineConfig(**{k: v for k, v in options.items() if v is not None})

@@ -1,4 +1,4 @@
-"""A request's life in the engine, and what the engine hands back."""
+"""A request's life in the engine, and what the engine hands back. Torch-free."""
 from __future__ import annotations
 
 import enum
@@ -50,17 +50,6 @@ class RequestOutput:
     num_generated_tokens: int = 0
 
 
-def merge_deltas(a: RequestOutput, b: RequestOutput) -> RequestOutput:
-    """Two consecutive deltas of one sequence as one (a slow reader gets bigger pieces)."""
-    oa, ob = a.outputs[0], b.outputs[0]
-    lps = None if oa.logprobs is None and ob.logprobs is None else (oa.logprobs or []) + (ob.logprobs or [])
-    out = CompletionOutput(ob.index, oa.text + ob.text, oa.token_ids + ob.token_ids, lps, ob.finish_reason,
-                           ob.cumulative_logprob, ob.stop_reason)
-    return RequestOutput(b.request_id, b.prompt, b.prompt_token_ids,
-                         a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs,
-                         [out], b.finished, b.metrics, b.num_prompt_tokens, b.num_generated_tokens)
-
-
 @dataclass
 class Request:
     """Mutable engine-side state. `num_computed` counts tokens whose effect is in the state."""
@@ -77,13 +66,10 @@ class Request:
     output_logprobs: list[dict[int, float]] | None = None
     prompt_logprobs: list[dict[int, float] | None] | None = None
     cumulative_logprob: float = 0.0
-    text: str = ""               # detokenized output so far (stop strings cut)
-    emitted: int = 0             # len(text) already handed to the caller
     finish_reason: str | None = None
     stop_reason: str | int | None = None
-    detok: object | None = None  # IncrementalDetokenizer when a tokenizer is present
-    generator: object | None = None
-    in_flight: object | None = None   # the launched step whose token for it is still on the device (async)
+    generator: object | None = None   # torch.Generator of a seeded request (the sampler's)
+    num_in_flight: int = 0       # launched steps whose token for it is still on the device (async scheduling)
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.monotonic()))
 
     @property

@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
 from tnl import kernels
 from tnl.engine.request import Request
-from tnl.engine.scheduler import ScheduledBatch
+from tnl.engine.scheduler import SchedulerOutput
 from tnl.model.transnormer import AttnBatch, TransnormerForCausalLM
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelOutput:
+    """One step's results on the device: logits [M, V] float32 of the rows to sample (row i is
+    reqs[i]: the decode requests, then those whose prompt completes this step and want tokens),
+    and, per request id asking for prompt logprobs, the logits [n, V] of its chunk's positions."""
+
+    logits: torch.Tensor
+    reqs: list[Request]
+    prompt_logits: dict[str, torch.Tensor]
 
 
 class StatePool:
@@ -126,12 +138,9 @@ class ModelRunner:
 
     # ---- one step ---------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, in_flight: dict[int, int] | None = None,
-                prev_tokens: torch.Tensor | None = None):
-        """Returns (logits [M, V] for the rows to sample, their requests, prompt_logits) where
-        the rows are the decode requests then the requests whose prompt completes this step
-        (and want tokens), and prompt_logits maps a request asking for prompt logprobs to the
-        logits [n, V] of this chunk's positions.
+    def execute(self, batch: SchedulerOutput, in_flight: dict[int, int] | None = None,
+                prev_tokens: torch.Tensor | None = None) -> ModelOutput:
+        """Run one step's forward pass (see ModelOutput for what comes back).
 
         A decode request whose last token is still on the device (sampled by the step in
         flight) has `in_flight[id(request)]` = its row in `prev_tokens`: its input id is taken
@@ -151,7 +160,7 @@ class ModelRunner:
                 src[i] = row
         graph_decode = bool(decode) and self.use_graphs and len(decode) <= max(self.graphs)
         if graph_decode and not batch.prefill:
-            return self._replay(decode, host_ids, src, prev_tokens), list(decode), {}
+            return ModelOutput(self._replay(decode, host_ids, src, prev_tokens), list(decode), {})
         decode_logits = None
         if graph_decode:
             # decode rows through their CUDA graph, the prompt chunks eagerly after them (each
@@ -187,7 +196,7 @@ class ModelRunner:
         logits = self.model.logits(hidden[rows]) if rows else hidden.new_zeros(0, 1)
         if decode_logits is not None:
             logits = torch.cat([decode_logits, logits]) if rows else decode_logits
-        return logits, reqs, prompt_logits
+        return ModelOutput(logits, reqs, prompt_logits)
 
 
 def _take_in_flight(ids: torch.Tensor, src: torch.Tensor, prev_tokens: torch.Tensor) -> None:

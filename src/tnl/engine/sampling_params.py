@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from tnl.engine.errors import InvalidRequest
+
 MAX_TOKENS_CAP = 1_000_000   # a request asking for more than this is a mistake, not a plan
 MAX_LOGPROBS = 20
 
@@ -41,7 +43,7 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str):
-            raise ValueError(f"SamplingParams.{name} {why}, got {getattr(self, name)!r}")
+            raise InvalidRequest(name, f"{name} {why}, got {getattr(self, name)!r}")
 
         def is_num(x):
             return isinstance(x, (int, float)) and not isinstance(x, bool)

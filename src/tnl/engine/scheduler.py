@@ -3,6 +3,15 @@
 Every step: one decode token for each running sequence whose prompt is done, then prompt
 chunks (running sequences still prefilling first, then newly admitted ones) until the
 token budget is spent. A long prompt therefore delays running streams by at most one chunk.
+
+The scheduler owns each request's progress: `advance` counts the tokens a launched step puts
+into the state, `update_from_output` appends the sampled tokens and applies stop ids and
+max_tokens, and `finish` releases the slot (at the start of the next step, so a step still
+on the device never sees its slot reused).
+
+Where the prompt-state cache plugs in: admission in `schedule` (look up the longest cached
+prefix of a new request's prompt, copy its state into the slot, start `num_computed` there)
+and `advance` (a chunk that ends at a boundary worth keeping: snapshot the slot).
 """
 from __future__ import annotations
 
@@ -10,11 +19,10 @@ import collections
 import time
 from dataclasses import dataclass
 
+from tnl.engine.errors import QueueFullError
 from tnl.engine.request import Request, Status
 
-
-class QueueFullError(RuntimeError):
-    """The waiting queue is at --max-waiting: the request is refused at once."""
+__all__ = ["QueueFullError", "SlotAllocator", "SchedulerOutput", "Scheduler"]
 
 
 class SlotAllocator:
@@ -38,7 +46,9 @@ class SlotAllocator:
 
 
 @dataclass
-class ScheduledBatch:
+class SchedulerOutput:
+    """One step's work, for the runner."""
+
     decode: list[Request]                      # one token each
     prefill: list[tuple[Request, int]]         # (request, number of prompt tokens this step)
     new_slots: list[int]                       # slots handed out this step: their state must be zeroed
@@ -46,6 +56,12 @@ class ScheduledBatch:
     @property
     def num_tokens(self) -> int:
         return len(self.decode) + sum(n for _, n in self.prefill)
+
+    def sampled(self) -> list[Request]:
+        """The requests that get a token from this step, in the runner's row order: every decode
+        row, then each request whose prompt completes here and that wants tokens."""
+        done = [r for r, n in self.prefill if r.num_computed + n == r.num_prompt and r.params.max_tokens > 0]
+        return self.decode + done
 
     def __bool__(self) -> bool:
         return bool(self.decode or self.prefill)
@@ -68,11 +84,15 @@ class Scheduler:
             raise QueueFullError(f"waiting queue is full ({self.max_waiting} requests); retry later")
         self.waiting.append(req)
 
-    def finish(self, req: Request, reason: str) -> None:
-        """Mark finished; a running request's slot is released at the start of the next step."""
+    def finish(self, req: Request, reason: str, stop_reason: str | int | None = None) -> None:
+        """Mark finished; a running request's slot is released at the start of the next step.
+        A stop string found in the text of a request that its last token also finished by
+        length still makes it a "stop" (as the text shows)."""
         if req.finished:
+            if reason == "stop" and stop_reason is not None:
+                req.finish_reason, req.stop_reason = reason, stop_reason
             return
-        req.finish_reason = reason
+        req.finish_reason, req.stop_reason = reason, stop_reason
         req.metrics.finished_time = time.monotonic()
         if req.status is Status.WAITING:
             self.waiting.remove(req)
@@ -86,7 +106,7 @@ class Scheduler:
         return bool(self.waiting or self.running or self._to_free)
 
     # ---- one step --------------------------------------------------------------------------
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self) -> SchedulerOutput:
         for req in self._to_free:
             self.slots.free(req.slot)
         self._to_free.clear()
@@ -94,7 +114,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         # a sequence whose token in flight (async scheduling) is its last one gets no more steps
         decode = [r for r in self.running
-                  if r.prefill_done and not (r.in_flight and len(r.output_token_ids) + 1 >= r.params.max_tokens)]
+                  if r.prefill_done and len(r.output_token_ids) + r.num_in_flight < r.params.max_tokens]
         budget -= len(decode)
         prefill: list[tuple[Request, int]] = []
         for r in self.running:
@@ -114,7 +134,49 @@ class Scheduler:
             n = min(r.num_prompt, budget)
             prefill.append((r, n))
             budget -= n
-        return ScheduledBatch(decode, prefill, new_slots)
+        return SchedulerOutput(decode, prefill, new_slots)
+
+    def advance(self, out: SchedulerOutput, now: float) -> list[Request]:
+        """A step was launched: its tokens are in the state. Returns the requests it finished
+        without sampling (a prompt scored with max_tokens 0)."""
+        for r in out.sampled():   # (before num_computed moves: which prompts complete in this step)
+            r.num_in_flight += 1
+        done = []
+        for r, n in out.prefill:
+            if r.metrics.first_scheduled_time is None:
+                r.metrics.first_scheduled_time = now
+            r.num_computed += n
+            if r.prefill_done and r.params.max_tokens == 0:
+                self.finish(r, "length")
+                done.append(r)
+        for r in out.decode:
+            r.num_computed += 1
+        return done
+
+    def update_from_output(self, reqs: list[Request], token_ids: list[int], logprobs: list[dict | None],
+                           sampled_logprobs: list[float | None], now: float) -> list[Request]:
+        """The sampled tokens of a launched step (row i belongs to reqs[i]): append them, and
+        finish on a stop id or at max_tokens. A request that finished while the step ran (a
+        stop string, an abort) drops its token. Returns the requests that got a token."""
+        got = []
+        for r, tok, lp, slp in zip(reqs, token_ids, logprobs, sampled_logprobs):
+            r.num_in_flight -= 1
+            if r.finished:
+                continue
+            r.output_token_ids.append(tok)
+            if slp is not None:
+                r.cumulative_logprob += slp
+            if r.output_logprobs is not None:
+                r.output_logprobs.append(lp)
+            if r.metrics.first_token_time is None:
+                r.metrics.first_token_time = now
+            r.metrics.last_token_time = now
+            if tok in r.stop_ids:
+                self.finish(r, "stop", tok)
+            elif len(r.output_token_ids) >= r.params.max_tokens:
+                self.finish(r, "length")
+            got.append(r)
+        return got
 
     def stats(self) -> dict[str, int]:
         return {"running": len(self.running), "waiting": len(self.waiting),

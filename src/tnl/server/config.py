@@ -57,7 +57,7 @@ class ServerConfig:
         """The name served in /v1/models and accepted in requests' "model" field."""
         if self.served_model_name:
             return self.served_model_name
-        if self.model in (None, "demo"):   # the bundled demo model (tnl.entrypoints.DEMO_MODEL)
+        if self.model in (None, "demo"):   # the bundled demo model (tnl.loading.DEMO_MODEL)
             return "tnl-demo"
         path = self.model.rstrip("/\\")
         if os.path.isdir(path):
@@ -66,12 +66,10 @@ class ServerConfig:
 
     def engine_config(self):
         """The EngineConfig these options ask for (unset options keep the engine's defaults)."""
-        from tnl.config import EngineConfig
+        from tnl.config import engine_config
 
-        over = {name: getattr(self, name) for name in
-                ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_prompt_tokens", "async_scheduling")
-                if getattr(self, name) is not None}
-        return EngineConfig(**over)
+        return engine_config(**{name: getattr(self, name) for name in (
+            "max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_prompt_tokens", "async_scheduling")})
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "ServerConfig":

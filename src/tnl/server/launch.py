@@ -67,7 +67,7 @@ def serve(config: ServerConfig) -> int:
     one-line message; the traceback is logged at debug level (`tnl -v serve`)."""
     _configure_logging(config.log_level)
     from tnl.config import ModelConfig
-    from tnl.entrypoints import RANDOM_MODEL, resolve_model_dir
+    from tnl.loading import RANDOM_MODEL, build_engine, resolve_model_dir
 
     sock = listen_socket(config.host, config.port)
     try:
@@ -91,9 +91,9 @@ def serve(config: ServerConfig) -> int:
 
     def load_engine():
         log.info("loading %s on %s (%s)", config.model or "the bundled demo model", config.device, config.dtype)
-        return AsyncEngine.from_pretrained(path, device=config.device, dtype=config.dtype,
-                                           engine_config=config.engine_config(),
-                                           chat_template_file=config.chat_template, threads=config.threads)
+        return AsyncEngine(build_engine(path, device=config.device, dtype=config.dtype,
+                                        engine_config=config.engine_config(),
+                                        chat_template_file=config.chat_template, threads=config.threads))
 
     server: uvicorn.Server | None = None
 

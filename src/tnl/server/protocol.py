@@ -353,7 +353,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "tnl"
     root: str | None = None
-    max_model_len: int | None = None
+    max_model_len: int | None = Field(None, description="null: no context limit (the state has a fixed size)")
 
 
 class ModelList(BaseModel):
@@ -368,3 +368,20 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+class TokenizerInfoResponse(BaseModel):
+    """GET /tokenizer_info: the served tokenizer's settings in tokenizer_config.json's shape, as
+    vLLM's endpoint gives them. lm-evaluation-harness's remote tokenizer (lm_eval.utils.
+    RemoteTokenizer) reads eos_token (it must be present), bos_token, pad_token and
+    chat_template, and turns a token string into its id through POST /tokenize."""
+
+    tokenizer_class: str = Field(..., description="the server's tokenizer class (SentencePiece)")
+    bos_token: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    add_bos_token: bool = Field(..., description="whether encoding text adds bos_token in front "
+                                                 "(POST /tokenize with add_special_tokens: true, "
+                                                 "and string prompts)")
+    add_eos_token: bool
+    chat_template: str | None = Field(None, description="the Jinja template /v1/chat/completions renders")

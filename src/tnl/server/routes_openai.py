@@ -96,11 +96,7 @@ def _remember(request: Request, prompt: str | None = None, response: str | None 
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
     state = get_state(request)
-    max_len = None
-    if state.engine is not None:
-        max_len = getattr(state.engine.engine_config, "max_model_len", None)
-    return ModelList(data=[ModelCard(id=state.model_name, created=state.created, root=state.config.model,
-                                     max_model_len=max_len)])
+    return ModelList(data=[ModelCard(id=state.model_name, created=state.created, root=state.config.model)])
 
 
 # ---- /v1/chat/completions ----------------------------------------------------------------------
@@ -127,15 +123,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     state.check_model(body.model)
     messages = [m.as_template_message() for m in body.messages]
     ids = state.encode_chat(messages, "messages", body.add_generation_prompt)
-    state.check_prompt_ids(ids, "messages")
-    state.check_token_ids(body.stop_token_ids, "stop_token_ids")
     max_tokens = body.max_completion_tokens or body.max_tokens or CHAT_DEFAULT_MAX_TOKENS
     top_k = (body.top_logprobs or 0) if body.logprobs else None
     samples = [_params(body, max_tokens, j, logprobs=top_k) for j in range(body.n)]
     if state.config.log_prompts:
         _remember(request, prompt=repr(messages))
     rid = request.state.request_id
-    gen = Generation(state, request, [ids], samples, rid)
+    gen = Generation(state, request, [ids], samples, rid, ["messages"])
     await gen.start()
     created = int(time.time())
     model = state.model_name
@@ -279,17 +273,15 @@ async def completions(body: CompletionRequest, request: Request):
     prompts: list[list[int]] = []
     prompt_texts: list[str | None] = []
     multi = len(body.prompt) > 1
-    for i, p in enumerate(body.prompt):
-        param = f"prompt[{i}]" if multi else "prompt"
+    params = [f"prompt[{i}]" if multi else "prompt" for i in range(len(body.prompt))]
+    for p, param in zip(body.prompt, params):
         if isinstance(p, str):
             ids = state.encode_text(p, param)
             prompt_texts.append(p)
         else:
             ids = list(p)
             prompt_texts.append(None)
-        state.check_prompt_ids(ids, param)
         prompts.append(ids)
-    state.check_token_ids(body.stop_token_ids, "stop_token_ids")
     prompt_lp = body.logprobs if body.echo and body.logprobs is not None else None
     samples = [_params(body, body.max_tokens, j, logprobs=body.logprobs, prompt_logprobs=prompt_lp)
                for j in range(body.n)]
@@ -300,7 +292,7 @@ async def completions(body: CompletionRequest, request: Request):
     if state.config.log_prompts:
         _remember(request, prompt=repr([t if t is not None else ids for t, ids in zip(prompt_texts, prompts)]))
     rid = request.state.request_id
-    gen = Generation(state, request, prompts, samples, rid)
+    gen = Generation(state, request, prompts, samples, rid, params)
     await gen.start()
     created = int(time.time())
     model = state.model_name

@@ -63,7 +63,6 @@ async def seed_generate(request: Request):
     state.require_engine()
     messages = body.messages()
     ids = state.encode_chat(messages, "prompt")
-    state.check_prompt_ids(ids, "prompt")
     params = sampling_params(dict(max_tokens=body.max_new_tokens, temperature=body.temperature, top_p=body.top_p))
     gen = Generation(state, request, [ids], [params], request.state.request_id)
     await gen.start()

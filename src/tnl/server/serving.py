@@ -17,8 +17,11 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from tnl.engine import QueueFullError, RequestOutput, SamplingParams
-from tnl.engine.request import merge_deltas
+from tnl.engine.async_engine import EngineClient
+from tnl.engine.errors import InvalidRequest, QueueFullError
+from tnl.engine.request import RequestOutput
+from tnl.engine.sampling_params import SamplingParams
+from tnl.engine.output import merge_deltas
 from tnl.server.config import ServerConfig
 from tnl.server.errors import APIError
 from tnl.server.metrics import ServerMetrics
@@ -42,7 +45,7 @@ class ServerState:
 
     config: ServerConfig
     metrics: ServerMetrics
-    engine: object | None = None           # tnl.engine.AsyncEngine once loaded
+    engine: EngineClient | None = None     # once loaded
     load_error: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     shutting_down: bool = False
@@ -94,25 +97,6 @@ class ServerState:
         except ValueError as e:  # the template's raise_exception(), or a message it cannot render
             raise APIError(f"{param}: {e}", 400, param) from None
 
-    def check_prompt_ids(self, ids: list[int], param: str) -> None:
-        if not ids:
-            raise APIError(f"{param} is empty: give at least one token", 400, param)
-        limit = self.require_engine().engine_config.max_prompt_tokens
-        if limit is not None and len(ids) > limit:
-            raise APIError(f"{param} has {len(ids)} tokens, more than this server's limit of {limit} "
-                           f"(--max-prompt-tokens)", 400, param)
-        V = self.vocab_size
-        for i, t in enumerate(ids):
-            if not 0 <= t < V:
-                raise APIError(f"{param}: token id {t} at position {i} is outside the vocabulary [0, {V})",
-                               400, param)
-
-    def check_token_ids(self, ids: list[int] | None, param: str) -> None:
-        V = self.vocab_size
-        for t in ids or ():
-            if not 0 <= t < V:
-                raise APIError(f"{param}: token id {t} is outside the vocabulary [0, {V})", 400, param)
-
     def token_text(self, token_id: int) -> str:
         """A token as logprob displays show it; "token_id:N" when the model has no tokenizer."""
         tok = self.engine.tokenizer
@@ -130,19 +114,11 @@ class ServerState:
 
 
 def sampling_params(param_fields: dict) -> SamplingParams:
-    """SamplingParams, with the engine's ValueError turned into a 400 naming the field."""
+    """SamplingParams, with the engine's InvalidRequest turned into a 400 naming the field."""
     try:
         return SamplingParams(**param_fields)
-    except ValueError as e:
-        m = re.search(r"SamplingParams\.(\w+)", str(e))
-        raise APIError(str(e).replace("SamplingParams.", ""), 400, m.group(1) if m else None) from None
-
-
-def _param_of(message: str) -> str | None:
-    if message.startswith("prompt"):
-        return "prompt"
-    m = re.match(r"(\w+) ", message)
-    return m.group(1) if m and m.group(1) in ("stop_token_ids", "seed", "max_tokens") else None
+    except InvalidRequest as e:
+        raise APIError(e.message, 400, e.param) from None
 
 
 _DISCONNECTED = object()
@@ -159,12 +135,15 @@ class Generation:
     """
 
     def __init__(self, state: ServerState, request: Request, prompts: list[list[int]],
-                 samples: list[SamplingParams], request_id: str):
+                 samples: list[SamplingParams], request_id: str, prompt_params: list[str] | None = None):
+        """prompt_params: the request field each prompt came from ("messages", "prompt[1]"), which
+        an engine refusal of that prompt names; default "prompt"."""
         self.state = state
         self.engine = state.require_engine()
         self.request = request
         self.request_id = request_id
         self.jobs = [(ids, params) for ids in prompts for params in samples]
+        self.job_params = [param for param in (prompt_params or ["prompt"] * len(prompts)) for _ in samples]
         self.metrics = state.metrics
         self.num_prompt_tokens = sum(len(ids) for ids in prompts)  # usage counts each prompt once
         self.prompt_tokens = [len(ids) for ids, _ in self.jobs]
@@ -215,7 +194,7 @@ class Generation:
         try:
             while waiting:
                 k, item = await self._queue.get()
-                self._check(item)
+                self._check(item, k)
                 waiting.discard(k)
                 self._buffer.append((k, item))
         except BaseException:
@@ -229,13 +208,17 @@ class Generation:
             self._watcher.cancel()
             self._watcher = None
 
-    def _check(self, item) -> None:
+    def _check(self, item, k: int | None = None) -> None:
         if item is _DISCONNECTED:
             raise ClientDisconnected()
         if isinstance(item, QueueFullError):
             raise APIError(f"the server is busy: {item}", 429, headers={"Retry-After": str(RETRY_AFTER_S)})
-        if isinstance(item, ValueError):
-            raise APIError(str(item), 400, _param_of(str(item)))
+        if isinstance(item, InvalidRequest):
+            param, message = item.param, item.message
+            if param == "prompt" and k is not None and self.job_params[k] != "prompt":
+                param = self.job_params[k]   # the field this prompt came from, in the message too
+                message = param + message.removeprefix("prompt")
+            raise APIError(message, 400, param)
         if isinstance(item, BaseException):
             raise item
 
@@ -293,7 +276,7 @@ class Generation:
             items.append(self._queue.get_nowait())
         merged: dict[int, RequestOutput] = {}
         for k, out in items:
-            self._check(out)
+            self._check(out, k)
             merged[k] = merge_deltas(merged[k], out) if k in merged else out
         return list(merged.items())
 

@@ -1,14 +1,17 @@
-"""The offline API (vLLM's shape) and the one place that turns a model name into an engine."""
+"""Loading: a model name -> a local directory -> a model, its tokenizer and its stop ids -> an
+engine. The one builder, used by `LLM`, the CLI, the server and `tnl bench`.
+
+Names: None or "demo" is the bundled demo model, "random-7b" random weights with the 7B's
+shapes (benchmarks), anything else a local directory or a hub id (tnl.hub).
+"""
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 
 from tnl.config import EngineConfig
-from tnl.engine.engine import LLMEngine, generation_stop_ids
-from tnl.engine.request import RequestOutput
-from tnl.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +86,31 @@ def _default_threads() -> int:
     return torch.get_num_threads()   # read once, before any set_num_threads of ours
 
 
+def generation_stop_ids(model_dir: str | None) -> set[int]:
+    """eos ids from generation_config.json (an int or a list), when the checkpoint has one."""
+    if not model_dir:
+        return set()
+    path = os.path.join(model_dir, "generation_config.json")
+    if not os.path.exists(path):
+        return set()
+    try:
+        with open(path, encoding="utf-8") as f:
+            eos = json.load(f).get("eos_token_id")
+    except (OSError, ValueError):
+        log.warning("ignoring unreadable %s", path)
+        return set()
+    if isinstance(eos, int):
+        return {eos}
+    return {e for e in eos or [] if isinstance(e, int)}
+
+
 def build_engine(model: str | None = None, device: str = "auto", dtype: str = "auto",
                  engine_config: EngineConfig | None = None, chat_template_file: str | None = None,
                  source: str = "modelscope", cache_dir: str | None = None, revision: str | None = None,
-                 progress: bool = True, threads: int | None = None) -> LLMEngine:
+                 progress: bool = True, threads: int | None = None):
+    """The LLMEngine for `model` (see the module docstring for names)."""
     from tnl.config import ModelConfig
+    from tnl.engine.llm_engine import LLMEngine
     from tnl.model.tokenizer import Tokenizer
     from tnl.model.weights import RANDOM_7B, load_model, random_model, resolve_device, resolve_dtype
 
@@ -117,75 +140,3 @@ def build_engine(model: str | None = None, device: str = "auto", dtype: str = "a
         if chat_template_file:
             raise ValueError("--chat-template needs a tokenizer, and this checkpoint has no tokenizer.model")
     return LLMEngine(m, tok, engine_config, extra_stop_ids=generation_stop_ids(path))
-
-
-class LLM:
-    """Offline generation over the same engine the server uses.
-
-    >>> llm = LLM("path/or/hub-id", device="auto", dtype="auto")
-    >>> outs = llm.generate(["你好", "Hello"], SamplingParams(max_tokens=64, temperature=0.8, seed=1))
-    >>> outs[0].outputs[0].text
-    """
-
-    def __init__(self, model: str | None = None, device: str = "auto", dtype: str = "auto",
-                 max_num_seqs: int | None = None, max_num_batched_tokens: int = 2048,
-                 chat_template: str | None = None, source: str = "modelscope", cache_dir: str | None = None,
-                 revision: str | None = None, cuda_graphs: bool = True, progress: bool = True,
-                 threads: int | None = None):
-        ec = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                          max_waiting=1 << 30, cuda_graphs=cuda_graphs)
-        self.engine = build_engine(model, device, dtype, ec, chat_template, source, cache_dir, revision, progress,
-                                   threads=threads)
-        self.tokenizer = self.engine.tokenizer
-
-    def _encode(self, prompt: str | list[int]) -> tuple[list[int], str | None]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this checkpoint has no tokenizer: pass prompts as lists of token ids")
-            return self.tokenizer.encode(prompt), prompt
-        if isinstance(prompt, (list, tuple)):
-            return list(prompt), None
-        raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-
-    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
-        """prompts: a string, a list of token ids, or a list of either. Returns one RequestOutput
-        per prompt, in order."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        params = sampling_params or SamplingParams()
-        plist = params if isinstance(params, list) else [params] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
-        eng = self.engine
-        reqs = []
-        try:
-            for p, sp in zip(prompts, plist):
-                ids, text = self._encode(p)
-                reqs.append(eng.add_request(ids, sp, prompt=text))
-            while any(not r.finished for r in reqs):
-                eng.step()
-        except BaseException:
-            for r in reqs:
-                eng.abort(r.request_id)
-            while eng.has_work:   # free the slots before handing the error on
-                eng.step()
-            raise
-        finally:
-            for r in reqs:
-                eng.release(r.request_id)
-        return [eng.final_output(r) for r in reqs]
-
-    def chat(self, messages, sampling_params: SamplingParams | None = None,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
-        """messages: one conversation (a list of {"role", "content"}) or a list of them."""
-        if self.tokenizer is None:
-            raise ValueError("chat needs a tokenizer, and this checkpoint has no tokenizer.model")
-        convs = [messages] if messages and isinstance(messages[0], dict) else messages
-        tok = self.tokenizer
-        prompts = [tok.apply_chat_template(c, add_generation_prompt=add_generation_prompt) for c in convs]
-        ids = [tok.apply_chat_template(c, add_generation_prompt=add_generation_prompt, tokenize=True) for c in convs]
-        outs = self.generate(ids, sampling_params)
-        for o, p in zip(outs, prompts):
-            o.prompt = p
-        return outs

@@ -1,0 +1,236 @@
+"""The token engine: one loop owns the model. step() = schedule -> execute -> update.
+
+Token ids in, token ids and logprobs out: no text here (that is tnl.engine.output). The
+scheduler decides each step's work and owns request progress, the runner runs it on the
+model, the sampler picks tokens on the device.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import time
+
+import torch
+
+from tnl.config import EngineConfig, ModelConfig
+from tnl.engine.request import Request
+from tnl.engine.runner import ModelRunner
+from tnl.engine.sampler import PendingSample, sample, top_logprobs
+from tnl.engine.sampling_params import SamplingParams
+from tnl.engine.scheduler import Scheduler, SchedulerOutput
+from tnl.model.transnormer import TransnormerForCausalLM
+
+log = logging.getLogger(__name__)
+
+CPU_DEFAULT_SLOTS = 16
+COUNTERS = {"steps": 0, "prefill_steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "device_busy_s": 0.0,
+            "prefill_step_busy_s": 0.0}
+GPU_MAX_SLOTS = 512
+
+
+def derive_num_slots(cfg: ModelConfig, device: torch.device, requested: int | None,
+                     max_num_batched_tokens: int) -> int:
+    """--max-num-seqs, or on GPU as many state slots as 90% of free memory holds after a
+    reserve for one full step: activations [tokens, d] of the layer matmuls (qkvu, GLU halves,
+    bf16), the sampled rows' logits [GPU_MAX_SLOTS, V] float32 twice (raw and filtered), a whole
+    chunk's prompt-logprob logits [tokens, V] float32 twice, and 1 GB for the allocator."""
+    if requested is not None:
+        if requested < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        return requested
+    if device.type != "cuda":
+        return CPU_DEFAULT_SLOTS
+    free, _ = torch.cuda.mem_get_info(device)
+    reserve = max_num_batched_tokens * (cfg.d_model * 2 * 12 + cfg.glu_dim * 2 * 3 + 4 * cfg.hidden_dim * 2) \
+        + 2 * GPU_MAX_SLOTS * cfg.vocab_size * 4 + 2 * max_num_batched_tokens * cfg.vocab_size * 4 + (1 << 30)
+    n = int((free * 0.9 - reserve) // cfg.state_bytes())
+    if n < 1:
+        raise RuntimeError(f"not enough GPU memory for one sequence's state ({cfg.state_bytes() / 1e6:.0f} MB) "
+                           f"after the weights: {free / 1e9:.1f} GB free")
+    return min(n, GPU_MAX_SLOTS)
+
+
+class _Step:
+    """A launched step: the requests of its sampled rows (row i = reqs[i]), their tokens still
+    on the device, and requests it finished without sampling (max_tokens 0)."""
+
+    __slots__ = ("reqs", "sample", "done", "rows")
+
+    def __init__(self, reqs: list[Request], sample: PendingSample | None, done: list[Request]):
+        self.reqs, self.sample, self.done = reqs, sample, done
+        self.rows = {id(r): i for i, r in enumerate(reqs)}
+
+
+class EngineCore:
+    """Requests are added already validated (tnl.engine.llm_engine.LLMEngine checks them)."""
+
+    def __init__(self, model: TransnormerForCausalLM, engine_config: EngineConfig, stop_ids: set[int],
+                 sample_vocab: int):
+        self.model = model
+        self.model_config: ModelConfig = model.config
+        self.device = model.head_weight.device
+        ec = engine_config
+        slots = derive_num_slots(self.model_config, self.device, ec.max_num_seqs, ec.max_num_batched_tokens)
+        self.engine_config = ec = dataclasses.replace(
+            ec, max_num_seqs=slots, max_num_batched_tokens=max(ec.max_num_batched_tokens, slots))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)   # graph capture, events and Triton launches follow the current device
+        self.runner = ModelRunner(model, slots, self.device, cuda_graphs=ec.cuda_graphs)
+        self.scheduler = Scheduler(slots, ec.max_num_batched_tokens, ec.max_waiting)
+        self.stop_ids = frozenset(stop_ids)    # eos and generation_config's ids (unless ignore_eos)
+        self.sample_vocab = sample_vocab       # ids >= this are never sampled (the tokenizer cannot decode them)
+        self.async_scheduling = ec.async_scheduling if ec.async_scheduling is not None else self.device.type == "cuda"
+        self._in_flight: _Step | None = None
+        # Cumulative counters for /metrics (stats()): steps run (and those with prompt tokens),
+        # prompt tokens and decode rows computed, and on CUDA the device time of the steps (a
+        # timing event before and after each; read once they have passed, no sync).
+        self.counters = dict(COUNTERS)
+        self._timings: collections.deque = collections.deque()   # (start, end, has_prefill) not yet read
+        self._timed = self.device.type == "cuda"
+
+    def add(self, req: Request) -> None:
+        if req.params.seed is not None:
+            req.generator = torch.Generator(device=self.device).manual_seed(req.params.seed)
+        if req.params.logprobs is not None:
+            req.output_logprobs = []
+        self.scheduler.add(req)
+
+    def abort(self, req: Request) -> None:
+        self.scheduler.finish(req, "abort")
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work or self._in_flight is not None
+
+    def stats(self) -> dict[str, float]:
+        """Gauges (running, waiting, slots) and the cumulative counters (the device time of
+        the last step or two may still be on its way)."""
+        if self._timings:
+            self._read_timings()
+        return {**self.scheduler.stats(), **self.counters}
+
+    def reset_counters(self) -> None:
+        if self._timed:
+            torch.cuda.synchronize(self.device)
+        self._timings.clear()
+        self.counters = dict(COUNTERS)
+
+    def _read_timings(self) -> None:
+        """Add the device time of launched steps whose end event has passed (in launch order)."""
+        c = self.counters
+        while self._timings and self._timings[0][1].query():
+            start, end, prefill = self._timings.popleft()
+            ms = start.elapsed_time(end)
+            c["device_busy_s"] += ms / 1000
+            if prefill:
+                c["prefill_step_busy_s"] += ms / 1000
+
+    # ---- one step ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[Request]:
+        """Run one step. Returns the requests that got a token or finished.
+
+        With async scheduling (CUDA), a decode-only step is queued on the device before the
+        tokens of the step before it are read back: the host's work for step k (reading
+        tokens, detokenizing, stop checks, handing outputs over, scheduling) overlaps the
+        device's work for step k+1. A sequence that stops at step k has then also been run in
+        step k+1; that token is dropped. Steps with prompt chunks or penalties (which need the
+        previous tokens on the host) wait for the step in flight first."""
+        touched: dict[str, Request] = {}
+        if self._timings:
+            self._read_timings()
+        out = self.scheduler.schedule()
+        if out and self._in_flight is not None and self._can_overlap(out):
+            launched = self._launch(out, self._in_flight)
+            self._complete(self._in_flight, touched)
+            self._in_flight = launched
+            return list(touched.values())
+        if self._in_flight is not None:
+            self._complete(self._in_flight, touched)
+            self._in_flight = None
+            out.decode = [r for r in out.decode if not r.finished]
+        if out:
+            launched = self._launch(out, None)
+            if self._can_overlap(out):
+                self._in_flight = launched
+            else:
+                self._complete(launched, touched)
+        return list(touched.values())
+
+    def _can_overlap(self, out: SchedulerOutput) -> bool:
+        return self.async_scheduling and not out.prefill and not any(r.params.needs_penalties for r in out.decode)
+
+    def _launch(self, out: SchedulerOutput, prev: _Step | None) -> _Step:
+        """Queue the step's forward pass and sampling on the device; the scheduler counts its
+        tokens as computed (nothing here waits for the sampled tokens)."""
+        start = None
+        if self._timed:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+        if prev is not None and prev.sample is not None:
+            res = self.runner.execute(out, prev.rows, prev.sample.token_ids)
+        else:
+            res = self.runner.execute(out)
+        for r, n in out.prefill:
+            if r.request_id in res.prompt_logits:
+                self._add_prompt_logprobs(r, res.prompt_logits[r.request_id], n)
+        done = self.scheduler.advance(out, time.monotonic())
+        c = self.counters
+        c["steps"] += 1
+        c["prefill_steps"] += bool(out.prefill)
+        c["prefill_tokens"] += sum(n for _, n in out.prefill)
+        c["decode_tokens"] += len(out.decode)
+        pending = None
+        if res.reqs:
+            logits = res.logits
+            if self.sample_vocab < logits.shape[-1]:
+                logits[:, self.sample_vocab:] = float("-inf")
+            pending = sample(logits, res.reqs).start_copy()
+        if start is not None:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._timings.append((start, end, bool(out.prefill)))
+        return _Step(res.reqs, pending, done)
+
+    def _complete(self, step: _Step, touched: dict[str, Request]) -> None:
+        """Wait for a launched step's tokens and hand them to the scheduler."""
+        for r in step.done:
+            touched[r.request_id] = r
+        if step.sample is None:
+            return
+        res = step.sample.resolve()
+        for r in self.scheduler.update_from_output(step.reqs, res.token_ids, res.logprobs, res.sampled_logprob,
+                                                   time.monotonic()):
+            touched[r.request_id] = r
+
+    def _add_prompt_logprobs(self, r: Request, logits: torch.Tensor, n: int) -> None:
+        """logits [n, V] at positions num_computed..+n-1 predict the prompt tokens after them."""
+        if r.prompt_logprobs is None:
+            r.prompt_logprobs = [None]
+        start = r.num_computed
+        nxt = r.prompt_token_ids[start + 1:start + n + 1]
+        if not nxt:
+            return
+        lp = torch.log_softmax(logits[:len(nxt)].float(), dim=-1)
+        target = torch.tensor(nxt, device=lp.device)
+        r.prompt_logprobs.extend(top_logprobs(lp, target, r.params.prompt_logprobs))
+
+    def warm_up(self) -> None:
+        """Two short requests through every kind of step (a variable-length prefill, a step that
+        admits a prompt while another decodes, graph decode, sampling) so that the kernels'
+        first compilations happen before the engine says it is ready, not in users' requests."""
+        t0 = time.perf_counter()
+        V = self.model_config.vocab_size
+        sp = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        for n in (37, 300):
+            self.add(Request(f"warm-up-{n}", [(3 + i) % V for i in range(n)], sp, frozenset()))
+        budget = self.scheduler.max_num_batched_tokens
+        self.scheduler.max_num_batched_tokens = 64   # the long prompt comes in chunks beside a decode
+        try:
+            while self.has_work:
+                self.step()
+        finally:
+            self.scheduler.max_num_batched_tokens = budget
+            self.reset_counters()
+        log.info("warm-up requests done in %.1f s", time.perf_counter() - t0)
