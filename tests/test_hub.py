@@ -1,7 +1,8 @@
 """Model references -> directories: local paths, real hub cache layouts, and offline failures.
 
 Nothing here may reach the internet: every test runs with Hugging Face offline mode on and with
-sockets limited to loopback (a connection anywhere else fails the test)."""
+sockets limited to loopback (a connection or a name lookup anywhere else fails the test). Names
+under .invalid, which no resolver may resolve (RFC 6761), get the resolver's answer without a query."""
 from __future__ import annotations
 
 import importlib.util
@@ -24,6 +25,9 @@ class NetworkUsed(AssertionError):
     pass
 
 
+needs_modelscope = pytest.mark.skipif(not HAS_MODELSCOPE, reason="modelscope is not installed")
+
+
 @pytest.fixture(autouse=True)
 def no_internet(monkeypatch):
     """Offline Hugging Face, and any non-loopback connection or DNS lookup fails the test."""
@@ -41,12 +45,21 @@ def no_internet(monkeypatch):
         return real_connect(self, address)
 
     def getaddrinfo(host, *args, **kw):
+        if isinstance(host, str) and host.endswith(".invalid"):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
         if host not in loopback and host is not None:
             raise NetworkUsed(f"test tried to resolve {host}")
         return real_getaddrinfo(host, *args, **kw)
 
     monkeypatch.setattr(socket.socket, "connect", connect)
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on: connecting is refused, as on a machine without network."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def checkpoint(directory) -> str:
@@ -138,19 +151,31 @@ def assert_params_loadable(path: str):
 
 
 # ---- offline ------------------------------------------------------------------------------------------
-def assert_offline_advice(err: ModelNotFoundError, source: str):
+def assert_offline_advice(err: ModelNotFoundError, source: str, cache: str):
+    """The message says the hub is unreachable, names the cache directory looked in, and gives the advice."""
     msg = str(err)
     assert "could not be reached" in msg and MODEL_ID in msg
+    assert f"it is not in {cache}. " in msg
     assert "--model /path/to/dir" in msg and f"tnl download {MODEL_ID} --source {source}" in msg
 
 
 def test_hf_uncached_id_offline_mode(tmp_path):
     with pytest.raises(ModelNotFoundError) as e:
         resolve_model(MODEL_ID, source="hf", cache_dir=str(tmp_path))
-    assert_offline_advice(e.value, "huggingface")
+    assert_offline_advice(e.value, "huggingface", str(tmp_path))
     with pytest.raises(ModelNotFoundError) as e:
         download(MODEL_ID, source="huggingface", cache_dir=str(tmp_path))
-    assert_offline_advice(e.value, "huggingface")
+    assert_offline_advice(e.value, "huggingface", str(tmp_path))
+
+
+def test_hf_offline_error_names_the_default_cache(tmp_path, monkeypatch):
+    """No cache_dir: the message names huggingface_hub's own cache directory, not "the default"."""
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # $HF_HUB_CACHE, read at import
+    with pytest.raises(ModelNotFoundError) as e:
+        resolve_model(MODEL_ID, source="hf")
+    assert_offline_advice(e.value, "huggingface", str(tmp_path / "hf"))
 
 
 def test_hf_uncached_id_connection_refused(tmp_path, monkeypatch):
@@ -158,19 +183,16 @@ def test_hf_uncached_id_connection_refused(tmp_path, monkeypatch):
     import huggingface_hub.constants as hf_constants
 
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setattr(hf_constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(hf_constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")
     with pytest.raises(ModelNotFoundError) as e:
         resolve_model(MODEL_ID, source="hf", cache_dir=str(tmp_path))
-    assert_offline_advice(e.value, "huggingface")
+    assert_offline_advice(e.value, "huggingface", str(tmp_path))
 
 
 def test_download_false_never_downloads(tmp_path):
     with pytest.raises(ModelNotFoundError, match="not in the Hugging Face cache.*downloading is off") as e:
         resolve_model(MODEL_ID, source="hf", cache_dir=str(tmp_path), download=False)
-    assert "tnl download" in str(e.value)
+    assert f"({tmp_path})" in str(e.value) and "tnl download" in str(e.value)
 
 
 # ---- ModelScope ---------------------------------------------------------------------------------------
@@ -190,14 +212,46 @@ def test_modelscope_not_installed_gives_install_advice(tmp_path):
                  lambda: download(MODEL_ID, source="modelscope", cache_dir=str(tmp_path))):
         with pytest.raises(HubError) as e:
             call()
-        assert 'pip install "tnl[modelscope]"' in str(e.value) and "--source huggingface" in str(e.value)
+        msg = str(e.value)  # tnl is not on PyPI: the advice names what pip can install
+        assert "pip install modelscope" in msg and 'pip install -e ".[modelscope]"' in msg
+        assert 'pip install "tnl[modelscope]"' not in msg and "--source huggingface" in msg
 
 
-@pytest.mark.skipif(not HAS_MODELSCOPE, reason="modelscope is not installed (the install-advice test covers it)")
-def test_modelscope_uncached_id_without_network(tmp_path):
+def point_modelscope_at(monkeypatch, domain: str):
+    """Make the installed modelscope download from `domain` (host[:port]; it adds https://)."""
+    # modelscope >= 1.38 reads MODELSCOPE_ENDPOINT (MODELSCOPE_DOMAIN is its deprecated spelling);
+    # older versions read only MODELSCOPE_DOMAIN.
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", domain)
+    monkeypatch.setenv("MODELSCOPE_DOMAIN", domain)
+    try:  # >= 1.38 keeps one process-wide config, built from the environment on first use
+        import modelscope_hub.config
+    except ImportError:
+        return
+    monkeypatch.setattr(modelscope_hub.config, "_default_config", None)
+
+
+@needs_modelscope
+@pytest.mark.parametrize("hub", ["connection-refused", "unresolvable-name"])
+def test_modelscope_uncached_id_without_network(tmp_path, monkeypatch, hub):
+    """The two ways a machine without network fails: nothing listening, a name no resolver knows."""
+    point_modelscope_at(monkeypatch, f"127.0.0.1:{closed_port()}" if hub == "connection-refused"
+                        else "modelscope.tnl-test.invalid")
+    cache = str(tmp_path / "cache")
+    for call in (lambda: resolve_model(MODEL_ID, source="modelscope", cache_dir=cache),
+                 lambda: download(MODEL_ID, source="ms", cache_dir=cache)):
+        with pytest.raises(ModelNotFoundError) as e:
+            call()
+        assert_offline_advice(e.value, "modelscope", cache)
+
+
+@needs_modelscope
+def test_modelscope_offline_error_names_the_default_cache(tmp_path, monkeypatch):
+    """No cache_dir: the message names the directory modelscope itself uses ($MODELSCOPE_CACHE here)."""
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "ms"))
+    point_modelscope_at(monkeypatch, f"127.0.0.1:{closed_port()}")
     with pytest.raises(ModelNotFoundError) as e:
-        resolve_model(MODEL_ID, source="modelscope", cache_dir=str(tmp_path))
-    assert_offline_advice(e.value, "modelscope")
+        resolve_model(MODEL_ID)
+    assert_offline_advice(e.value, "modelscope", str(tmp_path / "ms"))
 
 
 def test_default_cache_dir(tmp_path, monkeypatch):

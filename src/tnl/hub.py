@@ -1,16 +1,19 @@
 """Model ids -> local checkpoint directories: a local path, a cached copy, or a download.
 
-Sources: ModelScope (the default, the tutorial's source; `pip install "tnl[modelscope]"`) and
-Hugging Face (`huggingface_hub`, always installed). Both host the same OpenNLPLab checkpoints.
+Sources: ModelScope (the default, the tutorial's source; `pip install modelscope`) and Hugging
+Face (`huggingface_hub`, always installed). Both host the same OpenNLPLab checkpoints.
 
 Cache directory, first that is set: the `cache_dir` argument (`--cache-dir`), the environment
 variable `TNL_CACHE_DIR`, then the library's own default (ModelScope: `$MODELSCOPE_CACHE` or
-~/.cache/modelscope/hub; Hugging Face: `$HF_HUB_CACHE` or ~/.cache/huggingface/hub). Both sources
-can share one directory: their layouts do not collide (`<org>/<name>` against `models--org--name`).
+~/.cache/modelscope, ~/.cache/modelscope/hub before modelscope 1.38; Hugging Face: `$HF_HUB_CACHE`
+or ~/.cache/huggingface/hub). Both sources can share one directory: their layouts do not collide
+(`<org>/<name>` or `models/<org>--<name>` against `models--org--name`).
 
 Network access happens only in `download` (and in `resolve_model` when the id is not cached and
 download=True); the calls are thin wrappers over `modelscope.snapshot_download` and
-`huggingface_hub.snapshot_download`. Imports no torch: `tnl download` stays light.
+`huggingface_hub.snapshot_download`. A ModelScope download first checks in one short request that
+the endpoint modelscope would use answers at all: offline, modelscope's own retries take ~25 s
+before they give up. Imports no torch: `tnl download` stays light.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import inspect
 import logging
 import os
 import re
+import threading
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +34,9 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # What a serving engine needs from a model repository: config, tokenizer, weights. Not the
 # remote code (*.py), not training artefacts.
 _HF_FILES = ["*.json", "*.model", "*.tiktoken", "*.txt"]
+# Seconds the ModelScope reachability check may take in all (name lookup, connect, an HTTP answer).
+# Offline, a lookup or connect fails at once; this bounds the case where packets are dropped.
+_PROBE_TIMEOUT_S = 3.0
 
 
 class HubError(RuntimeError):
@@ -73,11 +80,22 @@ def _advice(model_id: str, source: str) -> str:
             f"`tnl download {model_id} --source {source}` (then --model the printed path, or copy that folder).")
 
 
+def _cache_root(source: str, cache: str | None) -> str:
+    """The directory the source library reads and writes for `cache` (None: its own default)."""
+    if source == "modelscope":
+        return _modelscope_cache_root(cache)
+    if cache:
+        return cache
+    from huggingface_hub import constants  # read here: snapshot_download reads it at call time too
+
+    return constants.HF_HUB_CACHE
+
+
 def _unreachable(model_id: str, source: str, cache: str | None, err: BaseException) -> ModelNotFoundError:
-    where = cache or "the default cache"
     return ModelNotFoundError(
         f"{_DISPLAY[source]} could not be reached to download {model_id!r} "
-        f"({type(err).__name__}: {_first_line(err)}), and it is not in {where}. " + _advice(model_id, source))
+        f"({type(err).__name__}: {_first_line(err)}), and it is not in {_cache_root(source, cache)}. "
+        + _advice(model_id, source))
 
 
 def _first_line(err: BaseException) -> str:
@@ -103,15 +121,52 @@ def _modelscope():
     try:
         from modelscope import snapshot_download
     except ImportError:
-        raise HubError('ModelScope support is not installed: pip install "tnl[modelscope]", or use '
-                       "--source huggingface (the same checkpoints are on Hugging Face)") from None
+        raise HubError('ModelScope support is not installed: pip install modelscope (from a tnl checkout: '
+                       'pip install -e ".[modelscope]"), or use --source huggingface (the same checkpoints '
+                       "are on Hugging Face)") from None
     return snapshot_download
 
 
 def _modelscope_cache_root(cache: str | None) -> str:
     if cache:
         return cache
-    return os.environ.get("MODELSCOPE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "modelscope", "hub")
+    try:  # modelscope >= 1.38 downloads through modelscope_hub: $MODELSCOPE_CACHE, else ~/.cache/modelscope
+        from modelscope_hub.config import get_default_config
+
+        return str(get_default_config().cache_dir)
+    except ImportError:  # older modelscope, or none installed (a cache copied from another machine)
+        default = os.path.join(os.path.expanduser("~"), ".cache", "modelscope", "hub")
+        return os.environ.get("MODELSCOPE_CACHE") or default
+
+
+def _modelscope_unreachable() -> BaseException | None:
+    """None when the endpoint the installed modelscope downloads from gives any HTTP answer within
+    _PROBE_TIMEOUT_S; else the error (a connection error, or TimeoutError when nothing came back)."""
+    import requests  # a dependency of modelscope; it also honours HTTPS_PROXY / NO_PROXY as modelscope does
+    from modelscope.hub.api import HubApi
+
+    endpoint = HubApi().endpoint  # MODELSCOPE_ENDPOINT / MODELSCOPE_DOMAIN, else modelscope's default
+    result: list[BaseException | None] = []
+
+    def head():
+        try:
+            requests.head(endpoint, timeout=_PROBE_TIMEOUT_S, allow_redirects=False)
+            result.append(None)
+        except Exception as e:
+            result.append(e)
+
+    # A thread, because the name lookup has no timeout of its own (a resolver that never answers).
+    probe = threading.Thread(target=head, name="tnl-modelscope-probe", daemon=True)
+    probe.start()
+    probe.join(_PROBE_TIMEOUT_S)
+    if not result:
+        return TimeoutError(f"no answer from {endpoint} within {_PROBE_TIMEOUT_S:g} s")
+    err = result[0]
+    if err is not None and not _is_connection_error(err):
+        # not a network failure (a malformed endpoint, say): modelscope reports it in its own words
+        logger.debug("modelscope endpoint check of %s: %s", endpoint, err)
+        return None
+    return err
 
 
 def _modelscope_cached(model_id: str, cache: str | None, revision: str | None) -> str | None:
@@ -141,6 +196,9 @@ def _modelscope_cached(model_id: str, cache: str | None, revision: str | None) -
 
 def _modelscope_download(model_id: str, cache: str | None, revision: str | None) -> str:
     snapshot_download = _modelscope()
+    err = _modelscope_unreachable()
+    if err is not None:
+        raise _unreachable(model_id, "modelscope", cache, err) from err
     try:
         return snapshot_download(model_id, cache_dir=cache, revision=revision or "master")
     except Exception as e:
@@ -150,7 +208,7 @@ def _modelscope_download(model_id: str, cache: str | None, revision: str | None)
             raise ModelNotFoundError(f"ModelScope has no model {model_id!r} (revision {revision or 'master'}): "
                                      f"{_first_line(e)}. Check the id, or try --source huggingface.") from e
         if isinstance(e, OSError):
-            raise HubError(f"downloading {model_id!r} from ModelScope into {cache or 'the default cache'} "
+            raise HubError(f"downloading {model_id!r} from ModelScope into {_cache_root('modelscope', cache)} "
                            f"failed: {type(e).__name__}: {e}") from e
         raise
 
@@ -189,7 +247,7 @@ def _hf_download(model_id: str, cache: str | None, revision: str | None) -> str:
         if isinstance(e, LocalEntryNotFoundError) or _is_connection_error(e):
             raise _unreachable(model_id, "huggingface", cache, e) from e
         if isinstance(e, OSError):  # HTTP errors from the hub (5xx), a cache dir that cannot be written
-            raise HubError(f"downloading {model_id!r} from Hugging Face into {cache or 'the default cache'} "
+            raise HubError(f"downloading {model_id!r} from Hugging Face into {_cache_root('huggingface', cache)} "
                            f"failed: {type(e).__name__}: {_first_line(e)}") from e
         raise
 
@@ -208,7 +266,7 @@ def download(model_id: str, source: str = DEFAULT_SOURCE, cache_dir: str | None 
 
 
 def _download(model_id: str, source: str, cache: str | None, revision: str | None) -> str:
-    logger.info("downloading %s from %s into %s", model_id, _DISPLAY[source], cache or "the default cache")
+    logger.info("downloading %s from %s into %s", model_id, _DISPLAY[source], _cache_root(source, cache))
     if source == "modelscope":
         return _modelscope_download(model_id, cache, revision)
     return _hf_download(model_id, cache, revision)
@@ -252,7 +310,6 @@ def resolve_model(model: str, source: str = DEFAULT_SOURCE, cache_dir: str | Non
         logger.info("using cached %s at %s", model, cached)
         return cached
     if not download:
-        raise ModelNotFoundError(f"{model!r} is not in the {_DISPLAY[source]} cache ({cache or 'default'}) and "
-                                 f"downloading is off. "
-                                 + _advice(model, source))
+        raise ModelNotFoundError(f"{model!r} is not in the {_DISPLAY[source]} cache ({_cache_root(source, cache)}) "
+                                 "and downloading is off. " + _advice(model, source))
     return _download(model, source, cache, revision)
