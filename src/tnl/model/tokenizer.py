@@ -213,6 +213,13 @@ class Tokenizer:
         """The vocabulary entry itself, e.g. "▁the", "<0xE4>", "</s>"."""
         return self._pieces[self._check_id(token_id)]
 
+    def token_bytes(self, token_id: int) -> list[int]:
+        """The UTF-8 bytes one token stands for: the raw byte of a byte-fallback piece, else the
+        bytes of token_text (OpenAI's logprob `bytes`)."""
+        token_id = self._check_id(token_id)
+        b = self._byte_value[token_id]
+        return [b] if b >= 0 else list(self.token_text(token_id).encode())
+
     def token_text(self, token_id: int) -> str:
         """The text of one token on its own, for logprob displays.
 

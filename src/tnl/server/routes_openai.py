@@ -22,16 +22,12 @@ from tnl.server.protocol import (CHAT_DEFAULT_MAX_TOKENS, AssistantMessage, Chat
                                  ChatLogprobs, ChatTokenLogprob, CompletionChoice, CompletionLogprobs,
                                  CompletionRequest, CompletionResponse, DeltaMessage, ModelCard, ModelList,
                                  SamplingFields, TopLogprob, UsageInfo)
-from tnl.server.serving import EventStream, Generation, ServerState, sampling_params
+from tnl.server.serving import EventStream, Generation, ServerState, get_state, sampling_params
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["OpenAI"])
 
 LOGPROB_FLOOR = -9999.0
-
-
-def get_state(request: Request) -> ServerState:
-    return request.app.state.tnl
 
 
 def _lp(value: float | None) -> float:

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from tnl.server.errors import APIError, validation_message
 from tnl.server.protocol import SeedRequest, SeedResponse
-from tnl.server.serving import Generation, ServerState, sampling_params
+from tnl.server.serving import Generation, get_state, sampling_params
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["seed API"])
@@ -48,7 +48,7 @@ async def chat_page():
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/json": {"schema": SeedRequest.model_json_schema()}}}})
 async def seed_generate(request: Request):
-    state: ServerState = request.app.state.tnl
+    state = get_state(request)
     try:
         raw = await request.json()
     except (ValueError, UnicodeDecodeError) as e:

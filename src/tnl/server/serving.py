@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -28,7 +27,6 @@ from tnl.server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 RETRY_AFTER_S = 1  # Retry-After on 429: a slot frees within a few decode steps of most requests
 
 
@@ -109,8 +107,12 @@ class ServerState:
         tok = self.engine.tokenizer
         if tok is None or not 0 <= token_id < tok.vocab_size:
             return list(self.token_text(token_id).encode())
-        m = _BYTE_PIECE.fullmatch(tok.id_to_piece(token_id))
-        return [int(m.group(1), 16)] if m else list(tok.token_text(token_id).encode())
+        return tok.token_bytes(token_id)
+
+
+def get_state(request: Request) -> ServerState:
+    """The app's ServerState (every route's first line)."""
+    return request.app.state.tnl
 
 
 def sampling_params(param_fields: dict) -> SamplingParams:
