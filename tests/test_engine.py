@@ -18,24 +18,25 @@ CFG = tiny_config(vocab_size=300, linear_use_lrpe_list=[1, 0, 0])
 SD = random_state_dict(CFG, seed=11, theta_scale=0.7)
 
 
-ASYNC = [False]
-
-
-@pytest.fixture(autouse=True, params=[False, True], ids=["sync", "async"])
-def async_scheduling(request):
-    """Every engine test runs twice: plain steps, and with async scheduling (each decode step
-    queued before the previous step's tokens are read back), which CUDA uses by default."""
-    ASYNC[0] = request.param
-    yield request.param
-    ASYNC[0] = False
-
-
-def make_engine(**kw) -> LLMEngine:
+def new_engine(async_scheduling: bool = False, **kw) -> LLMEngine:
     m = TransnormerForCausalLM(ModelConfig.from_dict(CFG))
     m.load_state_dict(SD)
     m.eval()
     return LLMEngine(m, None, EngineConfig(**{"max_num_seqs": 4, "max_num_batched_tokens": 64,
-                                              "async_scheduling": ASYNC[0], **kw}))
+                                              "async_scheduling": async_scheduling, **kw}))
+
+
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+def async_scheduling(request) -> bool:
+    """Each test that runs an engine runs twice: plain steps, and with async scheduling (each
+    decode step queued before the previous step's tokens are read back), CUDA's default."""
+    return request.param
+
+
+@pytest.fixture
+def make_engine(async_scheduling):
+    """new_engine in this test's scheduling mode."""
+    return lambda **kw: new_engine(async_scheduling, **kw)
 
 
 def run(engine: LLMEngine, prompts, params):
@@ -79,7 +80,7 @@ def ref_greedy(ids, n, **penalties):
     return out
 
 
-def test_greedy_matches_float64_reference():
+def test_greedy_matches_float64_reference(make_engine):
     eng = make_engine()
     ps = prompts(4)
     outs = run(eng, ps, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
@@ -89,7 +90,7 @@ def test_greedy_matches_float64_reference():
 
 
 @pytest.mark.parametrize("budget,slots", [(64, 4), (7, 2), (1000, 8)])
-def test_batched_equals_one_at_a_time(budget, slots):
+def test_batched_equals_one_at_a_time(budget, slots, make_engine):
     ps = prompts(8)
     greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     seeded = [SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, top_k=50, seed=i, ignore_eos=True)
@@ -102,7 +103,7 @@ def test_batched_equals_one_at_a_time(budget, slots):
     assert eng.stats()["slots_used"] == 0
 
 
-def test_same_request_twice_same_tokens():
+def test_same_request_twice_same_tokens(make_engine):
     """A request in a slot used before starts from a zero state: the official code leaks LRPE
     positions from one call into the next, and a slot not zeroed would carry the last
     request's state. The prompt logprobs show it; the tiny model's greedy tokens are too peaked
@@ -119,7 +120,7 @@ def test_same_request_twice_same_tokens():
         assert max(abs(x - y) for x, y in zip(got, want)) < 1e-4
 
 
-def test_logprobs_and_prompt_logprobs_match_reference():
+def test_logprobs_and_prompt_logprobs_match_reference(make_engine):
     eng = make_engine(max_num_batched_tokens=16)   # the prompt spans several chunks
     p = prompts(6)[5]
     o = run(eng, [p], SamplingParams(max_tokens=3, temperature=0, logprobs=5, prompt_logprobs=2,
@@ -138,7 +139,7 @@ def test_logprobs_and_prompt_logprobs_match_reference():
         assert set(row.topk(5).indices.tolist()) <= set(d)
 
 
-def test_scoring_with_max_tokens_zero():
+def test_scoring_with_max_tokens_zero(make_engine):
     eng = make_engine()
     p = prompts(3)[2]
     o = run(eng, [p], SamplingParams(max_tokens=0, prompt_logprobs=0))[0]
@@ -150,7 +151,7 @@ def test_scoring_with_max_tokens_zero():
     assert all(len(d) == 1 for d in o.prompt_logprobs[1:])
 
 
-def test_stop_token_ids_and_eos():
+def test_stop_token_ids_and_eos(make_engine, async_scheduling):
     """A stop token id, and the model's eos id unless ignore_eos, end the request at its first
     occurrence (k >= 3, not the first token: the greedy stream repeats one token), included."""
     p = prompts(2)[1]
@@ -161,13 +162,13 @@ def test_stop_token_ids_and_eos():
 
     m = TransnormerForCausalLM(ModelConfig.from_dict({**CFG, "eos_token_id": g[k]}))
     m.load_state_dict(SD)
-    eng = LLMEngine(m.eval(), None, EngineConfig(max_num_seqs=2, async_scheduling=ASYNC[0]))
+    eng = LLMEngine(m.eval(), None, EngineConfig(max_num_seqs=2, async_scheduling=async_scheduling))
     stopped, ignored = run(eng, [p, p], [SamplingParams(**sp), SamplingParams(**sp, ignore_eos=True)])
     assert stopped.outputs[0].token_ids == g[:k + 1] and stopped.outputs[0].finish_reason == "stop"
     assert ignored.outputs[0].token_ids == g and ignored.outputs[0].finish_reason == "length"
 
 
-def test_abort_frees_slot_and_queue_bound():
+def test_abort_frees_slot_and_queue_bound(make_engine):
     eng = make_engine(max_num_seqs=1, max_waiting=3)
     sp = SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True)
     a = eng.add_request(prompts(1)[0], sp)
@@ -187,7 +188,7 @@ def test_abort_frees_slot_and_queue_bound():
 
 
 @pytest.mark.parametrize("bad", [[], [300], [-1], [1, "x"], [1.5]])
-def test_bad_prompts_rejected(bad):
+def test_bad_prompts_rejected(bad, make_engine):
     with pytest.raises(ValueError, match="prompt"):
         make_engine().add_request(bad, SamplingParams())
 
@@ -286,7 +287,7 @@ E2E_PENALTIES = [
 ]
 
 
-def test_penalties_in_one_batch_match_the_penalized_reference():
+def test_penalties_in_one_batch_match_the_penalized_reference(make_engine):
     """Greedy generation with each penalty, all in one batch beside an unpenalized row: exactly
     the tokens of the float64 reference model with `ref_penalize` applied at each step."""
     eng = make_engine(max_num_seqs=len(E2E_PENALTIES))
@@ -318,7 +319,7 @@ def test_scheduler_long_prompt_does_not_stall_decode():
     assert s.schedule().decode == [short, long]
 
 
-def test_state_pool_copy_and_snapshot_fork_a_sequence():
+def test_state_pool_copy_and_snapshot_fork_a_sequence(make_engine):
     """A slot's state copied to another slot (or saved and restored) continues exactly like the
     original: the basis for prompt caching and n > 1 sampling."""
     eng = make_engine()
@@ -344,7 +345,7 @@ def test_state_pool_copy_and_snapshot_fork_a_sequence():
     assert torch.allclose(a.double(), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_model_vocab_larger_than_tokenizer_never_samples_undecodable_ids(tmp_path):
+def test_model_vocab_larger_than_tokenizer_never_samples_undecodable_ids(tmp_path, async_scheduling):
     """Checkpoints may pad the embedding past the tokenizer; such ids must never be sampled
     (the detokenizer could not decode them and the request would fail)."""
     from helpers_tokenizer import build_test_tokenizer
@@ -356,18 +357,18 @@ def test_model_vocab_larger_than_tokenizer_never_samples_undecodable_ids(tmp_pat
     m.load_state_dict(sd)
     tok = Tokenizer.from_dir(build_test_tokenizer(str(tmp_path)))
     assert tok.vocab_size == 400
-    eng = LLMEngine(m.eval(), tok, EngineConfig(max_num_seqs=2, async_scheduling=ASYNC[0]))
+    eng = LLMEngine(m.eval(), tok, EngineConfig(max_num_seqs=2, async_scheduling=async_scheduling))
     outs = run(eng, [[1, 50, 60], [1, 70]], SamplingParams(max_tokens=30, temperature=1.5, seed=0, ignore_eos=True))
     for o in outs:
         assert len(o.outputs[0].token_ids) == 30 and max(o.outputs[0].token_ids) < 400
 
 
-def test_stop_strings_without_tokenizer_are_refused():
+def test_stop_strings_without_tokenizer_are_refused(make_engine):
     with pytest.raises(ValueError, match="stop strings"):
         make_engine().add_request([5, 6], SamplingParams(stop=["x"]))
 
 
-def test_async_engine_refuses_a_live_duplicate_request_id():
+def test_async_engine_refuses_a_live_duplicate_request_id(make_engine):
     """The first request asks for far more tokens than the test reads, so it surely still runs
     when the duplicate comes (with 5 tokens the engine thread could finish it first, and the
     duplicate was rightly accepted: the test failed now and then). It goes on unharmed."""
@@ -395,7 +396,7 @@ def test_async_engine_refuses_a_live_duplicate_request_id():
         eng.shutdown()
 
 
-def test_async_engine_sink_gets_every_delta_then_the_id_is_free():
+def test_async_engine_sink_gets_every_delta_then_the_id_is_free(make_engine):
     """submit(): the sink sees the deltas of a request in order, the last one finished, on the
     caller's loop; an abort ends with a finished 'abort' delta; then the request id can be reused."""
     import asyncio
@@ -440,7 +441,7 @@ def _seeded_with_new_token(p):
     """A seeded sample of 12 tokens and an index k >= 3 whose token appears there first (the
     tiny random model repeats one token when greedy)."""
     sp = SamplingParams(max_tokens=12, temperature=4.0, seed=5, ignore_eos=True)
-    eng = make_engine(async_scheduling=False)
+    eng = new_engine(async_scheduling=False)
     g = run(eng, [p], sp)[0].outputs[0].token_ids
     return g, next(i for i in range(3, 12) if g[i] not in g[:i])
 
@@ -474,15 +475,11 @@ def _mixed_workload(eng: LLMEngine):
     return [(o.token_ids, o.logprobs, o.finish_reason, o.stop_reason) for o in outs], overlapped, k
 
 
-def test_async_scheduling_gives_the_same_outputs(async_scheduling):
+def test_async_scheduling_gives_the_same_outputs():
     """Stops, lengths, logprobs, seeded sampling, penalties and late arrivals: the same tokens
     and logprobs whether or not each step is queued before the last one's tokens are read."""
-    if not async_scheduling:
-        pytest.skip("compares both modes in one run")
-    ASYNC[0] = False
-    want, none, k = _mixed_workload(make_engine(max_num_seqs=4, max_num_batched_tokens=40))
-    ASYNC[0] = True
-    eng = make_engine(max_num_seqs=4, max_num_batched_tokens=40)
+    want, none, k = _mixed_workload(new_engine(False, max_num_seqs=4, max_num_batched_tokens=40))
+    eng = new_engine(True, max_num_seqs=4, max_num_batched_tokens=40)
     got, overlapped, _ = _mixed_workload(eng)
     assert none == 0 and overlapped > 5
     for (gt, glp, gf, gs), (wt, wlp, wf, ws) in zip(got, want):
@@ -496,12 +493,10 @@ def test_async_scheduling_gives_the_same_outputs(async_scheduling):
     assert not eng.has_work
 
 
-def test_async_scheduling_drops_the_token_after_a_stop(async_scheduling):
+def test_async_scheduling_drops_the_token_after_a_stop():
     """A sequence that stops at step k was already queued for step k+1: that token is dropped
     and its slot goes to the next request, which starts from a zero state."""
-    if not async_scheduling:
-        pytest.skip("async only")
-    eng = make_engine(max_num_seqs=1)
+    eng = new_engine(True, max_num_seqs=1)
     p, q = prompts(3)[1], prompts(3)[2]
     g, k = _seeded_with_new_token(p)
     a = eng.add_request(p, SamplingParams(max_tokens=50, temperature=4.0, seed=5, stop_token_ids=[g[k]]))
@@ -512,7 +507,7 @@ def test_async_scheduling_drops_the_token_after_a_stop(async_scheduling):
     assert b.output_token_ids == ref_greedy(q, 4) and b.slot == a.slot
 
 
-def test_warm_up_leaves_the_engine_as_new():
+def test_warm_up_leaves_the_engine_as_new(make_engine):
     """The start-up warm-up (run on CUDA before the engine reports ready) frees its slots,
     restores the token budget, and leaves no trace in later requests' outputs."""
     eng = make_engine(max_num_batched_tokens=100)
@@ -525,26 +520,15 @@ def test_warm_up_leaves_the_engine_as_new():
     assert out.outputs[0].token_ids == ref_greedy(p, 5)
 
 
-def test_async_scheduling_runs_no_row_past_max_tokens(async_scheduling):
+def test_async_scheduling_runs_no_row_past_max_tokens():
     """A sequence whose token in flight is its last (max_tokens) is not run again: async
-    scheduling decodes exactly as many rows as plain steps."""
-    if not async_scheduling:
-        pytest.skip("compares both modes in one run")
+    scheduling decodes exactly as many rows as plain steps (the engine's decode-row counter)."""
     decoded = {}
     for mode in (False, True):
-        ASYNC[0] = mode
-        eng = make_engine()
-        rows = []
-        execute = eng.runner.execute
-
-        def counting(batch, *a, **kw):
-            rows.append(len(batch.decode))
-            return execute(batch, *a, **kw)
-
-        eng.runner.execute = counting
+        eng = new_engine(mode)
         outs = run(eng, prompts(3), [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (6, 1, 9)])
         assert [len(o.outputs[0].token_ids) for o in outs] == [6, 1, 9]
-        decoded[mode] = sum(rows)
+        decoded[mode] = eng.stats()["decode_tokens"]
     assert decoded[True] == decoded[False] == 5 + 0 + 8
 
 
