@@ -212,6 +212,8 @@ class EngineConfig:
     max_prompt_tokens: int | None = None     # None: no limit besides memory
     cuda_graphs: bool = True
     async_scheduling: bool | None = None    # overlap host work with the next decode step; None: on for CUDA
+    enable_prefix_caching: bool = True       # the prompt-state cache (snapshots at exact token boundaries)
+    prefix_cache_gb: float | None = None     # its budget; None: half the GPU memory free after the slots, 1 GB on CPU
 
 
 def engine_config(**options) -> EngineConfig:

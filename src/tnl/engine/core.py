@@ -14,6 +14,7 @@ import time
 import torch
 
 from tnl.config import EngineConfig, ModelConfig
+from tnl.engine.prefix_cache import PrefixCache
 from tnl.engine.request import Request
 from tnl.engine.runner import ModelRunner
 from tnl.engine.sampler import PendingSample, sample, top_logprobs
@@ -24,6 +25,7 @@ from tnl.model.transnormer import TransnormerForCausalLM
 log = logging.getLogger(__name__)
 
 CPU_DEFAULT_SLOTS = 16
+CPU_PREFIX_CACHE_BYTES = 1 << 30
 COUNTERS = {"steps": 0, "prefill_steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "device_busy_s": 0.0,
             "prefill_step_busy_s": 0.0}
 GPU_MAX_SLOTS = 512
@@ -77,7 +79,8 @@ class EngineCore:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)   # graph capture, events and Triton launches follow the current device
         self.runner = ModelRunner(model, slots, self.device, cuda_graphs=ec.cuda_graphs)
-        self.scheduler = Scheduler(slots, ec.max_num_batched_tokens, ec.max_waiting)
+        self.prefix_cache = self._new_prefix_cache(ec)
+        self.scheduler = Scheduler(slots, ec.max_num_batched_tokens, ec.max_waiting, self.prefix_cache)
         self.stop_ids = frozenset(stop_ids)    # eos and generation_config's ids (unless ignore_eos)
         self.sample_vocab = sample_vocab       # ids >= this are never sampled (the tokenizer cannot decode them)
         self.async_scheduling = ec.async_scheduling if ec.async_scheduling is not None else self.device.type == "cuda"
@@ -88,6 +91,38 @@ class EngineCore:
         self.counters = dict(COUNTERS)
         self._timings: collections.deque = collections.deque()   # (start, end, has_prefill) not yet read
         self._timed = self.device.type == "cuda"
+
+    def _new_prefix_cache(self, ec: EngineConfig) -> PrefixCache | None:
+        if not ec.enable_prefix_caching:
+            log.info("prompt-state cache off")
+            return None
+        if ec.prefix_cache_gb is not None:
+            budget = int(ec.prefix_cache_gb * 1e9)
+        elif self.device.type == "cuda":   # half of what the slots and the step's reserve left free
+            budget = int(0.5 * torch.cuda.mem_get_info(self.device)[0])
+        else:
+            budget = CPU_PREFIX_CACHE_BYTES
+        per = self.entry_bytes()
+        log.info("prompt-state cache: %.2f GB in %s memory (%d snapshots of %.1f MB)", budget / 1e9,
+                 "GPU" if self.device.type == "cuda" else "host", budget // per, per / 1e6)
+        return PrefixCache(budget)
+
+    def entry_bytes(self) -> int:
+        """One snapshot: the state of every layer, plus the logits after it [V] float32."""
+        return self.model_config.state_bytes() + 4 * self.model_config.vocab_size
+
+    def _take_snapshots(self, logits_of: dict[int, torch.Tensor] | None = None) -> None:
+        """Keep the snapshots the scheduler asked for: a copy of the slot, queued on the stream
+        behind the step that computed it (so no sync, and correct though the slot is reused
+        later). logits_of: id(request) -> its row of this step's logits, for the prompt ends."""
+        snaps, self.scheduler.snapshots = self.scheduler.snapshots, []
+        for r, k in snaps:
+            ids = (r.prompt_token_ids + r.output_token_ids)[:k]
+            if self.prefix_cache.get(ids) is not None and (k != r.num_prompt or not logits_of):
+                continue
+            row = logits_of.get(id(r)) if logits_of and k == r.num_prompt else None
+            self.prefix_cache.insert(ids, self.runner.pool.snapshot(r.slot),
+                                     row.clone() if row is not None else None, self.entry_bytes())
 
     def add(self, req: Request) -> None:
         if req.params.seed is not None:
@@ -108,7 +143,8 @@ class EngineCore:
         the last step or two may still be on its way)."""
         if self._timings:
             self._read_timings()
-        return {**self.scheduler.stats(), **self.counters}
+        cache = self.prefix_cache.stats() if self.prefix_cache is not None else {}
+        return {**self.scheduler.stats(), **self.counters, **cache}
 
     def reset_counters(self) -> None:
         if self._timed:
@@ -140,6 +176,8 @@ class EngineCore:
         touched: dict[str, Request] = {}
         if self._timings:
             self._read_timings()
+        if self.scheduler.snapshots:   # the ends of generations, before their slots are freed
+            self._take_snapshots()
         out = self.scheduler.schedule()
         if out and self._in_flight is not None and self._can_overlap(out):
             launched = self._launch(out, self._in_flight)
@@ -158,8 +196,15 @@ class EngineCore:
                 self._complete(launched, touched)
         return list(touched.values())
 
+    def end_step(self) -> None:
+        """After the step's outputs were processed (stop strings may have finished requests):
+        keep the snapshots of generations that ended, while their slots still hold them."""
+        if self.scheduler.snapshots:
+            self._take_snapshots()
+
     def _can_overlap(self, out: SchedulerOutput) -> bool:
-        return self.async_scheduling and not out.prefill and not any(r.params.needs_penalties for r in out.decode)
+        return self.async_scheduling and not out.prefill and not out.cached \
+            and not any(r.params.needs_penalties for r in out.decode)
 
     def _launch(self, out: SchedulerOutput, prev: _Step | None) -> _Step:
         """Queue the step's forward pass and sampling on the device; the scheduler counts its
@@ -176,6 +221,8 @@ class EngineCore:
             if r.request_id in res.prompt_logits:
                 self._add_prompt_logprobs(r, res.prompt_logits[r.request_id], n)
         done = self.scheduler.advance(out, time.monotonic())
+        if self.scheduler.snapshots:
+            self._take_snapshots({id(r): res.logits[i] for i, r in enumerate(res.reqs)})
         c = self.counters
         c["steps"] += 1
         c["prefill_steps"] += bool(out.prefill)
@@ -232,5 +279,8 @@ class EngineCore:
                 self.step()
         finally:
             self.scheduler.max_num_batched_tokens = budget
+            self.scheduler.snapshots.clear()
+            if self.prefix_cache is not None:   # nothing of the warm-up's prompts is kept
+                self.prefix_cache = self.scheduler.prefix_cache = PrefixCache(self.prefix_cache.budget_bytes)
             self.reset_counters()
         log.info("warm-up requests done in %.1f s", time.perf_counter() - t0)

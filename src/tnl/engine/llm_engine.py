@@ -74,9 +74,12 @@ class LLMEngine:
                                          "stop_token_ids")
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    prompt: str | None = None, validate: bool = True) -> Request:
+                    prompt: str | None = None, validate: bool = True,
+                    boundaries: list[int] | None = None) -> Request:
         """Queue a request (checked first unless the caller already did: `validate=False`).
-        Raises InvalidRequest, or QueueFullError at --max-waiting."""
+        boundaries: prompt lengths worth a prompt-state snapshot besides the prompt's end (the
+        end of each chat message: `Tokenizer.chat_boundaries`). Raises InvalidRequest, or
+        QueueFullError at --max-waiting."""
         if validate:
             self.validate(prompt_token_ids, params)
         request_id = request_id or f"req-{next(self._ids)}"
@@ -84,6 +87,9 @@ class LLMEngine:
             raise InvalidRequest(None, f"request id {request_id!r} is already in use")
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.core.stop_ids)
         req = Request(request_id, list(prompt_token_ids), params, frozenset(stop_ids), prompt=prompt)
+        if self.core.prefix_cache is not None:
+            L = req.num_prompt
+            req.boundaries = sorted({b for b in boundaries or () if 0 < b < L} | {L})
         self.core.add(req)
         self.output.add(req)
         self.requests[request_id] = req
@@ -112,6 +118,7 @@ class LLMEngine:
         touched = self.core.step()
         for req in touched:
             self.output.update(req, self.scheduler)
+        self.core.end_step()
         return touched
 
     def take_delta(self, req: Request) -> RequestOutput:

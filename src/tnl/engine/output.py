@@ -95,13 +95,13 @@ class OutputProcessor:
                                req.reported_cumulative_logprob, req.stop_reason)
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids,
                              req.prompt_logprobs if first else None, [out], req.finished, req.metrics,
-                             req.num_prompt, len(req.output_token_ids))
+                             req.num_prompt, len(req.output_token_ids), req.num_cached)
 
     def final_output(self, req: Request) -> RequestOutput:
         out = CompletionOutput(0, self._texts[req.request_id].text, list(req.output_token_ids), req.output_logprobs,
                                req.finish_reason, req.reported_cumulative_logprob, req.stop_reason)
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, req.prompt_logprobs, [out], True,
-                             req.metrics, req.num_prompt, len(req.output_token_ids))
+                             req.metrics, req.num_prompt, len(req.output_token_ids), req.num_cached)
 
 
 def merge_deltas(a: RequestOutput, b: RequestOutput) -> RequestOutput:
@@ -112,4 +112,5 @@ def merge_deltas(a: RequestOutput, b: RequestOutput) -> RequestOutput:
                            ob.cumulative_logprob, ob.stop_reason)
     return RequestOutput(b.request_id, b.prompt, b.prompt_token_ids,
                          a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs,
-                         [out], b.finished, b.metrics, b.num_prompt_tokens, b.num_generated_tokens)
+                         [out], b.finished, b.metrics, b.num_prompt_tokens, b.num_generated_tokens,
+                         b.num_cached_tokens)

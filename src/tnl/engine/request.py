@@ -48,6 +48,7 @@ class RequestOutput:
     metrics: RequestMetrics
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
+    num_cached_tokens: int = 0     # prompt tokens taken from the prompt-state cache (not computed)
 
 
 @dataclass
@@ -70,6 +71,12 @@ class Request:
     stop_reason: str | int | None = None
     generator: object | None = None   # torch.Generator of a seeded request (the sampler's)
     num_in_flight: int = 0       # launched steps whose token for it is still on the device (async scheduling)
+    # prompt-state cache: prompt lengths where a snapshot is wanted (chat message ends, the
+    # prompt's end), the prompt tokens a hit skipped, and the hit itself until the runner
+    # copies it into the slot
+    boundaries: list[int] = field(default_factory=list)
+    num_cached: int = 0
+    cache_hit: object | None = None
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.monotonic()))
 
     @property

@@ -144,8 +144,21 @@ class ModelRunner:
 
         A decode request whose last token is still on the device (sampled by the step in
         flight) has `in_flight[id(request)]` = its row in `prev_tokens`: its input id is taken
-        from there on the device, so this step is queued without waiting for that one."""
-        self.pool.zero(batch.new_slots)
+        from there on the device, so this step is queued without waiting for that one.
+
+        A new request with a prompt-state cache hit starts from a copy of the snapshot (never the
+        snapshot itself, which other requests may take too); a whole-prompt hit's row of the
+        logits is the snapshot's (no forward pass for it)."""
+        hits = {r.slot: r.cache_hit.state for r, _ in batch.prefill if r.cache_hit is not None}
+        hits.update((r.slot, r.cache_hit.state) for r in batch.cached)
+        self.pool.zero([s for s in batch.new_slots if s not in hits])
+        for slot, state in hits.items():
+            self.pool.restore(slot, state)
+        cached_logits = [r.cache_hit.logits for r in batch.cached]
+        for r, _ in batch.prefill:
+            r.cache_hit = None
+        for r in batch.cached:
+            r.cache_hit = None
         decode = batch.decode
         host_ids: list[int] = []
         src: list[int] | None = None
@@ -160,7 +173,10 @@ class ModelRunner:
                 src[i] = row
         graph_decode = bool(decode) and self.use_graphs and len(decode) <= max(self.graphs)
         if graph_decode and not batch.prefill:
-            return ModelOutput(self._replay(decode, host_ids, src, prev_tokens), list(decode), {})
+            logits = self._replay(decode, host_ids, src, prev_tokens)
+            return ModelOutput(_with_rows(logits, cached_logits), list(decode) + list(batch.cached), {})
+        if not decode and not batch.prefill:   # only whole-prompt hits
+            return ModelOutput(torch.stack(cached_logits), list(batch.cached), {})
         decode_logits = None
         if graph_decode:
             # decode rows through their CUDA graph, the prompt chunks eagerly after them (each
@@ -196,7 +212,15 @@ class ModelRunner:
         logits = self.model.logits(hidden[rows]) if rows else hidden.new_zeros(0, 1)
         if decode_logits is not None:
             logits = torch.cat([decode_logits, logits]) if rows else decode_logits
-        return ModelOutput(logits, reqs, prompt_logits)
+        return ModelOutput(_with_rows(logits, cached_logits), reqs + list(batch.cached), prompt_logits)
+
+
+def _with_rows(logits: torch.Tensor, extra: list[torch.Tensor]) -> torch.Tensor:
+    """logits [M, V] with the rows `extra` ([V] each) after them (a fresh tensor: the sampler
+    writes into its logits, and a cached row must stay as it was)."""
+    if not extra:
+        return logits
+    return torch.cat([logits, torch.stack(extra).to(logits.dtype)]) if logits.shape[0] else torch.stack(extra)
 
 
 def _take_in_flight(ids: torch.Tensor, src: torch.Tensor, prev_tokens: torch.Tensor) -> None:

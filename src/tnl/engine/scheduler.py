@@ -9,17 +9,23 @@ into the state, `update_from_output` appends the sampled tokens and applies stop
 max_tokens, and `finish` releases the slot (at the start of the next step, so a step still
 on the device never sees its slot reused).
 
-Where the prompt-state cache plugs in: admission in `schedule` (look up the longest cached
-prefix of a new request's prompt, copy its state into the slot, start `num_computed` there)
-and `advance` (a chunk that ends at a boundary worth keeping: snapshot the slot).
+The prompt-state cache (tnl.engine.prefix_cache) plugs in at two places. Admission in
+`schedule` looks up the longest cached prefix of a new request's prompt: the runner copies
+that snapshot into the slot and `num_computed` starts after it (a whole-prompt hit samples
+its first token from the snapshot's logits). Prompt chunks stop exactly at the request's
+boundaries, and `advance` lists the (request, length) snapshots that the step made possible;
+`finish` lists the end of a finished generation. A request whose prompt another running
+request is prefilling right now waits for that one's snapshot instead of computing the
+same prompt again (n > 1 samples of one prompt: one prefill, then n copies).
 """
 from __future__ import annotations
 
 import collections
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tnl.engine.errors import QueueFullError
+from tnl.engine.prefix_cache import CacheEntry, PrefixCache
 from tnl.engine.request import Request, Status
 
 __all__ = ["QueueFullError", "SlotAllocator", "SchedulerOutput", "Scheduler"]
@@ -51,7 +57,8 @@ class SchedulerOutput:
 
     decode: list[Request]                      # one token each
     prefill: list[tuple[Request, int]]         # (request, number of prompt tokens this step)
-    new_slots: list[int]                       # slots handed out this step: their state must be zeroed
+    new_slots: list[int]                       # slots handed out this step: zeroed, or set from a cache hit
+    cached: list[Request] = field(default_factory=list)   # whole-prompt hits: first token from cached logits
 
     @property
     def num_tokens(self) -> int:
@@ -61,16 +68,20 @@ class SchedulerOutput:
         """The requests that get a token from this step, in the runner's row order: every decode
         row, then each request whose prompt completes here and that wants tokens."""
         done = [r for r, n in self.prefill if r.num_computed + n == r.num_prompt and r.params.max_tokens > 0]
-        return self.decode + done
+        return self.decode + done + self.cached
 
     def __bool__(self) -> bool:
-        return bool(self.decode or self.prefill)
+        return bool(self.decode or self.prefill or self.cached)
 
 
 class Scheduler:
-    def __init__(self, num_slots: int, max_num_batched_tokens: int, max_waiting: int):
+    def __init__(self, num_slots: int, max_num_batched_tokens: int, max_waiting: int,
+                 prefix_cache: PrefixCache | None = None):
         if max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
+        self.prefix_cache = prefix_cache
+        self._prefilling: dict[tuple[int, ...], Request] = {}   # prompt -> the request computing it now
+        self.snapshots: list[tuple[Request, int]] = []   # (request, tokens of prompt + output) to keep
         self.slots = SlotAllocator(num_slots)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_waiting = max_waiting
@@ -99,6 +110,9 @@ class Scheduler:
         else:
             self.running.remove(req)
             self._to_free.append(req)
+            self._stop_prefilling(req)
+            if self.prefix_cache is not None and reason != "abort" and req.prefill_done:
+                self.snapshots.append((req, req.num_computed))   # the end of the generation
         req.status = Status.FINISHED
 
     @property
@@ -121,20 +135,71 @@ class Scheduler:
             if budget <= 0:
                 break
             if not r.prefill_done:
-                n = min(r.num_prompt - r.num_computed, budget)
+                n = self._chunk(r, budget)
                 prefill.append((r, n))
                 budget -= n
-        new_slots = []
+        new_slots, cached, skipped = [], [], []
         while self.waiting and budget > 0 and self.slots.num_free:
             r = self.waiting.popleft()
+            if self.prefix_cache is not None and self._prompt_key(r) in self._prefilling:
+                skipped.append(r)   # its prompt is being computed: wait for that snapshot
+                continue
             r.slot = self.slots.alloc()
             r.status = Status.RUNNING
             new_slots.append(r.slot)
             self.running.append(r)
-            n = min(r.num_prompt, budget)
+            if self.prefix_cache is not None:
+                self._admit_from_cache(r)
+            if r.prefill_done:
+                cached.append(r)
+                continue
+            n = self._chunk(r, budget)
             prefill.append((r, n))
             budget -= n
-        return SchedulerOutput(decode, prefill, new_slots)
+        self.waiting.extendleft(reversed(skipped))
+        return SchedulerOutput(decode, prefill, new_slots, cached)
+
+    # ---- prompt-state cache ------------------------------------------------------------------
+    def _chunk(self, r: Request, budget: int) -> int:
+        """Prompt tokens of r for this step: up to the budget, stopping at its next boundary."""
+        end = r.num_prompt
+        for b in r.boundaries:
+            if b > r.num_computed:
+                end = b
+                break
+        return min(end - r.num_computed, budget)
+
+    @staticmethod
+    def _prompt_key(r: Request) -> tuple[int, ...]:
+        return tuple(r.prompt_token_ids)
+
+    def _admit_from_cache(self, r: Request) -> None:
+        """Start r after the longest cached prefix of its prompt (prompt logprobs need every
+        position computed: no lookup then), and keep only the boundaries not yet cached."""
+        cache, L = self.prefix_cache, r.num_prompt
+        hit: CacheEntry | None = None
+        if r.params.prompt_logprobs is None and r.params.max_tokens > 0:
+            # a hit on the whole prompt needs the logits after it; a shorter one leaves a token to compute
+            hit = cache.lookup(r.prompt_token_ids, lambda e: e.num_tokens < L or e.logits is not None)
+            cache.record_query(L, hit, hit.num_tokens if hit else 0)
+        if hit is not None:
+            r.cache_hit, r.num_cached = hit, hit.num_tokens
+            r.num_computed = hit.num_tokens
+        wanted = []
+        for b in r.boundaries:
+            if b <= r.num_computed:
+                continue
+            e = cache.get(r.prompt_token_ids[:b])
+            if e is None or (b == L and e.logits is None):
+                wanted.append(b)
+        r.boundaries = wanted
+        if L in wanted:
+            self._prefilling.setdefault(self._prompt_key(r), r)
+
+    def _stop_prefilling(self, r: Request) -> None:
+        key = self._prompt_key(r)
+        if self._prefilling.get(key) is r:
+            del self._prefilling[key]
 
     def advance(self, out: SchedulerOutput, now: float) -> list[Request]:
         """A step was launched: its tokens are in the state. Returns the requests it finished
@@ -151,6 +216,12 @@ class Scheduler:
                 done.append(r)
         for r in out.decode:
             r.num_computed += 1
+        if self.prefix_cache is not None:
+            for r, _ in out.prefill:
+                if r.num_computed in r.boundaries:
+                    self.snapshots.append((r, r.num_computed))
+                if r.prefill_done:
+                    self._stop_prefilling(r)
         return done
 
     def update_from_output(self, reqs: list[Request], token_ids: list[int], logprobs: list[dict | None],

@@ -383,6 +383,20 @@ class Tokenizer:
         starts_with_bos = bool(self.bos_token) and rendered.startswith(self.bos_token)
         return self.encode(rendered, add_special_tokens=not starts_with_bos)
 
+    def chat_boundaries(self, messages: list[dict[str, Any]], ids: list[int], limit: int = 64) -> list[int]:
+        """Token counts at which each message of `messages` ends within `ids` (the tokenized
+        template of the whole chat): the prompt-state cache's snapshot points, so that a chat
+        sharing the first messages (a system prompt, earlier turns) starts after them. A message
+        end whose tokens are not a prefix of `ids` (a template that renders a message
+        differently when more follow) is left out. Only the last `limit` messages are looked at
+        (each costs a render and a tokenization of the chat so far)."""
+        out = []
+        for i in range(max(0, len(messages) - limit), len(messages)):
+            prefix = self.apply_chat_template(messages[:i + 1], add_generation_prompt=False, tokenize=True)
+            if len(prefix) < len(ids) and ids[:len(prefix)] == prefix:
+                out.append(len(prefix))
+        return out
+
     # ---------------------------------------------------------------- detokenizer support
 
     def _incomplete_utf8(self, ids: list[int]) -> bool:
