@@ -214,6 +214,7 @@ class _CompletionChoice:
         self.logprobs = body.logprobs
         self.prompt_ids = prompt_ids
         self.prompt_text = prompt_text or ""
+        self.implicit_bos = _implicit_bos(state, body, prompt_ids) is not None
         self.offset = 0          # text_offset of the next token
         self.started = False
 
@@ -224,7 +225,10 @@ class _CompletionChoice:
             self.started = True
             if self.echo:
                 text = self.prompt_text + text
-                if self.logprobs is not None:
+                if self.logprobs is not None and self.implicit_bos:
+                    # the model saw [BOS, *prompt]: every id sent has a logprob, the first one's after BOS
+                    lp = self._build(self.prompt_ids, (out.prompt_logprobs or [None])[1:])
+                elif self.logprobs is not None:
                     # position 0 has nothing before it to predict it: null, as OpenAI and vLLM give
                     lp = self._build(self.prompt_ids, out.prompt_logprobs, skip_first=True)
         if self.logprobs is not None and o.token_ids:
@@ -249,6 +253,28 @@ class _CompletionChoice:
             top.setdefault(text, _lp(d.get(tid)))  # the chosen token is always listed (OpenAI)
             out.top_logprobs.append(top)
         return out
+
+
+def _implicit_bos(state: ServerState, body: CompletionRequest, ids: list[int]) -> int | None:
+    """The BOS id to score a token-id prompt after, or None (the ids are used as given).
+
+    Scoring (echo with logprobs) a prompt whose ids lack the BOS that the tokenizer puts in front
+    of text scores them as that text is scored: after BOS. lm-evaluation-harness sends such ids
+    (its remote tokenizer calls POST /tokenize with add_special_tokens false and never adds BOS),
+    and without BOS a TransNormerLLM's loglikelihoods are off by nats. The echo still lists exactly
+    the ids sent. Without echo + logprobs, token ids are generated from exactly as given (vLLM).
+    """
+    if not (body.echo and body.logprobs is not None and ids):
+        return None
+    tok = state.require_engine().tokenizer
+    if tok is None or not tok.add_bos_token or tok.bos_token_id is None or ids[0] == tok.bos_token_id:
+        return None
+    return tok.bos_token_id
+
+
+def _model_prompt(state: ServerState, body: CompletionRequest, ids: list[int]) -> list[int]:
+    bos = _implicit_bos(state, body, ids)
+    return ids if bos is None else [bos, *ids]
 
 
 def _merge(a: CompletionLogprobs | None, b: CompletionLogprobs | None) -> CompletionLogprobs | None:
@@ -288,7 +314,7 @@ async def completions(body: CompletionRequest, request: Request):
     if state.config.log_prompts:
         _remember(request, prompt=repr([t if t is not None else ids for t, ids in zip(prompt_texts, prompts)]))
     rid = request.state.request_id
-    gen = Generation(state, request, prompts, samples, rid, params)
+    gen = Generation(state, request, [_model_prompt(state, body, ids) for ids in prompts], samples, rid, params)
     await gen.start()
     created = int(time.time())
     model = state.model_name

@@ -1,4 +1,4 @@
-"""Operations: /health, /metrics, /tokenize, /detokenize."""
+"""Operations: /health, /metrics, /tokenize, /detokenize, /tokenizer_info."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
@@ -6,14 +6,11 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from tnl.server.errors import APIError
-from tnl.server.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
-from tnl.server.serving import ServerState
+from tnl.server.protocol import (DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse,
+                                 TokenizerInfoResponse)
+from tnl.server.serving import get_state
 
 router = APIRouter(tags=["operations"])
-
-
-def get_state(request: Request) -> ServerState:
-    return request.app.state.tnl
 
 
 @router.get("/health", responses={503: {"description": "loading, failed to load, or shutting down"}})
@@ -61,3 +58,15 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
         if not 0 <= t < V:
             raise APIError(f"tokens: token id {t} at position {i} is outside the vocabulary [0, {V})", 400, "tokens")
     return DetokenizeResponse(prompt=tok.decode(body.tokens))
+
+
+@router.get("/tokenizer_info", response_model=TokenizerInfoResponse)
+async def tokenizer_info(request: Request) -> TokenizerInfoResponse:
+    """The tokenizer's special tokens, BOS / EOS policy and chat template (vLLM's endpoint; what
+    lm-evaluation-harness's `tokenizer_backend=remote` reads)."""
+    tok = get_state(request).tokenizer(None)
+    pad = tok.pad_token_id
+    return TokenizerInfoResponse(tokenizer_class=type(tok).__name__, bos_token=tok.bos_token,
+                                 eos_token=tok.eos_token, pad_token=None if pad is None else tok.id_to_piece(pad),
+                                 add_bos_token=tok.add_bos_token, add_eos_token=tok.add_eos_token,
+                                 chat_template=tok.chat_template)
