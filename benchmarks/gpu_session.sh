@@ -29,7 +29,7 @@ for phase in "$@"; do
   serve)
     python3 - <<'PY' 2>&1 | tee "$OUT/load.txt"
 import os, time, torch
-from tnl.bench import RANDOM_7B
+from tnl.model.weights import RANDOM_7B
 from tnl.model.weights import make_random_checkpoint, load_model
 d = "/tmp/r7b"
 t = time.perf_counter(); make_random_checkpoint(d, RANDOM_7B, dtype=torch.bfloat16); print("write_s", time.perf_counter() - t)

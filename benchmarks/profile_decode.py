@@ -11,7 +11,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from tnl.bench import RANDOM_7B, random_model
+from tnl.model.weights import RANDOM_7B, random_model
 from tnl.config import EngineConfig
 from tnl.engine import LLMEngine, SamplingParams
 
@@ -22,7 +22,6 @@ def main() -> None:
     a = p.parse_args()
     dev = torch.device("cuda")
     m = random_model(RANDOM_7B, dev, torch.bfloat16)
-    m.fuse()
     eng = LLMEngine(m, None, EngineConfig(max_num_seqs=max(a.batch_sizes), max_num_batched_tokens=4096))
     runner = eng.runner
     for bs in a.batch_sizes:

@@ -11,7 +11,7 @@ from helpers_model import random_state_dict, tiny_config
 from reference import reference_logits, rel_err
 from tnl import kernels
 from tnl.config import EngineConfig, ModelConfig
-from tnl.engine.engine import COUNTERS
+from tnl.engine.core import COUNTERS
 from tnl.kernels import torch_ops
 from tnl.model.transnormer import TransnormerForCausalLM
 
@@ -133,8 +133,6 @@ def test_cuda_bf16_logits_match_cpu_float32(small_model):
     outs = {}
     for dev, dtype in (("cpu", torch.float32), (DEV, torch.bfloat16)):
         m = _build(cfg, sd, dev, dtype)
-        if dev == DEV:
-            m.fuse()
         eng = LLMEngine(m, None, EngineConfig(max_num_seqs=4, max_num_batched_tokens=512))
         reqs = [eng.add_request(p, sp) for p in prompts]
         while eng.has_work:
@@ -161,7 +159,6 @@ def test_cuda_graph_engine_batches_equal_alone(small_model):
     from tnl.engine import LLMEngine, SamplingParams
     cfg, sd = small_model
     m = _build(cfg, sd, DEV, torch.bfloat16)
-    m.fuse()
     eng = LLMEngine(m, None, EngineConfig(max_num_seqs=12, max_num_batched_tokens=256))
     assert eng.runner.graphs, "graphs were not captured"
     sp = SamplingParams(max_tokens=24, temperature=0, logprobs=2, ignore_eos=True)
@@ -193,7 +190,6 @@ def test_cuda_async_scheduling_equals_plain_steps(small_model):
     from tnl.engine import LLMEngine, SamplingParams
     cfg, sd = small_model
     m = _build(cfg, sd, DEV, torch.bfloat16)
-    m.fuse()
     prompts = [torch.randint(3, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist()
                for n in (3, 40, 129, 5, 600, 17, 256, 9)]
     params = [SamplingParams(max_tokens=8 + 3 * i, temperature=0 if i % 2 else 0.9, seed=i, logprobs=2,
@@ -203,13 +199,13 @@ def test_cuda_async_scheduling_equals_plain_steps(small_model):
         eng = LLMEngine(m, None, EngineConfig(max_num_seqs=6, max_num_batched_tokens=256,
                                               async_scheduling=async_scheduling))
         assert eng.async_scheduling == async_scheduling and eng.runner.graphs
-        assert eng.counters == COUNTERS   # (the warm-up is not counted)
+        assert eng.core.counters == COUNTERS   # (the warm-up is not counted)
         reqs = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
         overlapped = 0
         t0 = time.perf_counter()
         while eng.has_work:
             eng.step()
-            overlapped += eng._in_flight is not None
+            overlapped += eng.core._in_flight is not None
         wall = time.perf_counter() - t0
         assert eng.stats()["slots_used"] == 0
         torch.cuda.synchronize()
@@ -313,7 +309,6 @@ def test_engine_with_skinny_gemm_is_as_accurate_as_cublas(monkeypatch):
     m16 = copy.deepcopy(m32).to(torch.bfloat16)
     m32 = m32.cpu()          # the float32 reference runs the plain PyTorch path on the CPU
     for m in (m32, m16):
-        m.fuse()
         for layer in m.model.layers:
             layer.token_mixer.reset_decay(m.config, m.head_weight.device)
     prompts = [torch.randint(3, 64000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 70, 1)]

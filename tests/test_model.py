@@ -119,7 +119,6 @@ def test_fused_decode_layers_match_reference(variant, monkeypatch):
     cfg = tiny_config(**v["cfg"])
     sd = random_state_dict(cfg, seed=11, theta_scale=v.get("theta_scale", 1.0))
     m = build(cfg, sd)
-    m.fuse()
     g = torch.Generator().manual_seed(4)
     a = torch.randint(3, cfg["vocab_size"], (30,), generator=g).tolist()
     b = torch.randint(3, cfg["vocab_size"], (25,), generator=g).tolist()

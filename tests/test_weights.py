@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from helpers_model import random_state_dict, tiny_config, write_checkpoint
 from reference import reference_logits, rel_err
@@ -22,13 +23,18 @@ VARIANTS = {"tied": {}, "untied": {"tie_word_embeddings": False}, "bias": {"bias
 
 
 def assert_params_equal(model: TransnormerForCausalLM, sd: dict, dtype: torch.dtype = torch.float32):
-    params = dict(model.named_parameters())
+    """The model holds exactly the official-layout tensors `sd` (its state_dict() splits l12 back
+    into l1 and l2; l12 itself is checked against them)."""
+    params = model.state_dict()
     assert set(params) == set(sd) - {"decoder.version"} - ({"lm_head.weight"} if model.lm_head is None else set())
     for name, p in params.items():
         want = sd[name].float() if name.endswith("lrpe.theta") else sd[name].to(dtype)
         assert p.dtype == want.dtype, name
         assert torch.equal(p, want), name
-        assert not p.requires_grad
+    for i, layer in enumerate(model.model.layers):
+        l12 = layer.channel_mixer.l12.weight
+        assert torch.equal(l12, torch.cat([sd[f"model.layers.{i}.channel_mixer.l{j}.weight"] for j in (1, 2)]).to(dtype))
+    assert not any(p.requires_grad for p in model.parameters())
 
 
 def logits_of(model: TransnormerForCausalLM, ids: list[int]) -> torch.Tensor:
@@ -274,13 +280,15 @@ def test_config_key_of_wrong_type(tmp_path):
 
 # ---- writing checkpoints ------------------------------------------------------------------------------
 @pytest.mark.parametrize("over", [{}, {"tie_word_embeddings": False, "bias": True}])
-def test_save_checkpoint_round_trip_of_a_fused_model(tmp_path, over):
+def test_save_checkpoint_round_trip_in_the_official_layout(tmp_path, over):
     cfg = tiny_config(**over)
     sd = random_state_dict(cfg, seed=4, theta_scale=0.5)
     m = TransnormerForCausalLM(ModelConfig.from_dict(cfg))
-    m.load_state_dict(sd, strict=True)
-    m.fuse()  # the engine fuses l1/l2; saving must still write the official names
-    save_checkpoint(m, str(tmp_path))
+    m.load_state_dict(sd, strict=True)     # official l1 / l2 stacked into l12
+    assert not any(".l1." in n or ".l2." in n for n, _ in m.named_parameters())
+    save_checkpoint(m, str(tmp_path))       # and split back into the official names
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        assert set(f.keys()) == set(sd)
     assert find_weight_files(str(tmp_path)).files == [str(tmp_path / "model.safetensors")]
     assert_params_equal(load_model(str(tmp_path), "cpu", progress=False), sd)
     save_checkpoint(m, str(tmp_path / "bf16"), dtype=torch.bfloat16)
@@ -305,7 +313,7 @@ def test_make_random_checkpoint_shards_and_loads(tmp_path, over):
     assert sum(p.numel() for p in m.parameters()) == mcfg.num_params()
     assert index["metadata"]["total_size"] == sum(
         p.numel() * (4 if n.endswith("theta") else 2) for n, p in m.named_parameters())
-    w = m.model.layers[1].channel_mixer.l1.weight
+    w = m.model.layers[1].channel_mixer.l12.weight
     assert w.dtype == torch.float32 and abs(w.std().item() - 0.02) < 0.002
     theta = m.model.layers[0].token_mixer.lrpe.theta
     assert torch.equal(theta, random_state_dict(cfg)["model.layers.0.token_mixer.lrpe.theta"])

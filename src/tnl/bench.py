@@ -102,8 +102,6 @@ def bench(args) -> dict:
         from tnl.model.weights import load_model
         model = load_model(resolve_model_dir(args.model, args.source, args.cache_dir, args.revision),
                            device=str(device), dtype=args.dtype)
-    if device.type == "cuda":
-        model.fuse()
     out["load_s"] = time.perf_counter() - t0
     cfg = model.config
     if device.type == "cpu":

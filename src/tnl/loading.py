@@ -123,15 +123,11 @@ def build_engine(model: str | None = None, device: str = "auto", dtype: str = "a
                               cfg.num_params() * dt.itemsize)
             set_cpu_threads(cfg, threads)
         m = random_model(RANDOM_7B, dev, dt)
-        if m.head_weight.is_cuda:
-            m.fuse()
         return LLMEngine(m, None, engine_config)
     path = resolve_model_dir(model, source, cache_dir, revision)
     m = load_model(path, device=device, dtype=dtype, progress=progress)
     if m.head_weight.device.type == "cpu":
         set_cpu_threads(m.config, threads)
-    if m.head_weight.is_cuda:
-        m.fuse()
     cfg = m.config
     tok = Tokenizer.from_dir(path, chat_template_file=chat_template_file, bos_token_id=cfg.bos_token_id,
                              eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)

@@ -3,7 +3,10 @@
 One block (pre-norm, no learned norm weights):
     x = x + TokenMixer(srms(x))      gated norm-linear attention with per-head, per-layer decay
     x = x + SGLU(srms(x))            (x W1) * (x W2) W3, no activation
-Parameter names follow the official state dict (model.layers.{i}.token_mixer.qkvu_proj.weight, ...).
+Parameter names follow the official state dict (model.layers.{i}.token_mixer.qkvu_proj.weight, ...),
+with one exception: W1 and W2 are one matrix, channel_mixer.l12 = [l1; l2] (one matmul). State
+dicts in the official layout load into it, state_dict() splits it back (SGLU), and the checkpoint
+loader in tnl.model.weights maps the files' l1 / l2 the same way.
 
 The model runs over a packed batch of sequences (`AttnBatch`): the first `n_decode` tokens are
 one token each of running sequences (recurrent step), the rest are prompt chunks of
@@ -139,31 +142,62 @@ class NormLinearAttention(nn.Module):
 
 
 class SGLU(nn.Module):
-    """Simple GLU: (x W1) * (x W2) W3, no activation (the gate brings the non-linearity)."""
+    """Simple GLU: (x W1) * (x W2) W3, no activation (the gate brings the non-linearity).
+
+    W1 and W2 live as one matrix l12 = [W1; W2] [2 glu, d]: one read of x, one launch. Official
+    state dicts name them l1 and l2: such a state dict loads into l12, and state_dict() writes
+    l1 and l2 again (PACKED says which parts make which parameter)."""
+
+    PACKED = {"l12": ("l1", "l2")}   # parameter -> the checkpoint modules stacked in it along dim 0
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.l1 = nn.Linear(cfg.d_model, cfg.glu_dim, bias=cfg.bias)
-        self.l2 = nn.Linear(cfg.d_model, cfg.glu_dim, bias=cfg.bias)
+        self.l12 = nn.Linear(cfg.d_model, 2 * cfg.glu_dim, bias=cfg.bias)
         self.l3 = nn.Linear(cfg.glu_dim, cfg.d_model, bias=cfg.bias)
-        self.l12: nn.Linear | None = None  # l1 and l2 fused into one matmul, see fuse()
-
-    def fuse(self) -> None:
-        """Replace l1 and l2 by one [2*glu, d] matmul (one read of x, one launch)."""
-        l12 = nn.Linear(self.l1.in_features, 2 * self.l1.out_features, bias=self.l1.bias is not None,
-                        device=self.l1.weight.device, dtype=self.l1.weight.dtype)
-        with torch.no_grad():
-            l12.weight.copy_(torch.cat([self.l1.weight, self.l2.weight]))
-            if self.l1.bias is not None:
-                l12.bias.copy_(torch.cat([self.l1.bias, self.l2.bias]))
-        del self.l1, self.l2
-        self.l12 = l12
+        self.register_load_state_dict_pre_hook(_stack_packed)
+        self.register_state_dict_post_hook(_split_packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.l12 is not None:
-            return kernels.gated_linear(kernels.linear(x, self.l12.weight, self.l12.bias), self.l3.weight,
-                                        self.l3.bias)
-        return self.l3(self.l1(x) * self.l2(x))
+        return kernels.gated_linear(kernels.linear(x, self.l12.weight, self.l12.bias), self.l3.weight, self.l3.bias)
+
+
+def packed_part(name: str) -> tuple[str, int, int] | None:
+    """For a checkpoint tensor that is one part of a packed parameter, e.g.
+    model.layers.3.channel_mixer.l2.weight: (the parameter, model.layers.3.channel_mixer.l12.weight;
+    the part's index, 1; the number of parts, 2). None for every other name."""
+    module, _, leaf = name.rpartition(".")
+    parent, _, child = module.rpartition(".")
+    if not parent.endswith("channel_mixer"):
+        return None
+    for packed, parts in SGLU.PACKED.items():
+        if child in parts:
+            return f"{parent}.{packed}.{leaf}", parts.index(child), len(parts)
+    return None
+
+
+def _stack_packed(module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook: official parts (l1, l2) -> the packed parameter (l12)."""
+    for packed, parts in module.PACKED.items():
+        for leaf in ("weight", "bias"):
+            names = [f"{prefix}{p}.{leaf}" for p in parts]
+            if all(n in state_dict for n in names):
+                state_dict[f"{prefix}{packed}.{leaf}"] = torch.cat([state_dict.pop(n) for n in names])
+
+
+def _split_packed(module, state_dict, prefix, local_metadata) -> None:
+    """state_dict post-hook: the packed parameter (l12) -> the official parts (l1, l2), where l12
+    stood and in the official order (l1.weight, l1.bias, l2.weight, l2.bias)."""
+    for packed, parts in module.PACKED.items():
+        leaves = [leaf for leaf in ("weight", "bias") if f"{prefix}{packed}.{leaf}" in state_dict]
+        chunks = {leaf: state_dict[f"{prefix}{packed}.{leaf}"].chunk(len(parts)) for leaf in leaves}
+        official = {f"{prefix}{p}.{leaf}": chunks[leaf][i] for i, p in enumerate(parts) for leaf in leaves}
+        items = list(state_dict.items())
+        state_dict.clear()
+        for name, t in items:
+            if name == f"{prefix}{packed}.weight":
+                state_dict.update(official)
+            elif not name.startswith(f"{prefix}{packed}."):
+                state_dict[name] = t
 
 
 class DecoderLayer(nn.Module):
@@ -233,10 +267,6 @@ class TransnormerForCausalLM(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
         return self
 
-    def fuse(self) -> None:
-        for layer in self.model.layers:
-            layer.channel_mixer.fuse()
-
     def new_state_pool(self, num_slots: int, device=None) -> list[torch.Tensor]:
         """Per layer a [num_slots, H, dk, dv] float32 zero tensor."""
         device = device or self.model.embed_tokens.weight.device
@@ -247,8 +277,7 @@ class TransnormerForCausalLM(nn.Module):
         """Packed tokens [T] -> final-normed hidden states [T, d]. Updates the states in `pools`."""
         x = self.model.embed_tokens(input_ids) * self.model.embed_scale   # a fresh tensor: updated in place
         layers = self.model.layers
-        if len(layers) and layers[0].channel_mixer.l12 is not None \
-                and kernels.fused_decode_ok(x, layers[0].matmul_weights()):
+        if kernels.fused_decode_ok(x, layers[0].matmul_weights()):
             for layer, pool in zip(layers, pools):
                 layer.forward_fused(x, batch, pool)
             return kernels.rms_norm(x)
@@ -264,7 +293,7 @@ class TransnormerForCausalLM(nn.Module):
         return kernels.linear(hidden, self.head_weight).float()
 
     def linear_shapes(self) -> list[tuple]:
-        """(N, K, dtype, has_bias, fused) of the matmuls of a decode step on the fused model, as
+        """(N, K, dtype, has_bias, fused) of the matmuls of a decode step, as
         kernels.precompile_linears takes them: the head (fused None); each layer matmul on the
         unfused path (False; True for the gated l3) and in the fused decode layer (a dict of
         skinny_linear's fusions)."""
@@ -279,9 +308,8 @@ class TransnormerForCausalLM(nn.Module):
             tm, mlp = layer.token_mixer, layer.channel_mixer
             mats = [(tm.qkvu_proj, False, dict(norm=True)),
                     (tm.out_proj, False, dict(norm=True, gate_stride=tm.qkvu_proj.weight.shape[0], residual=True)),
-                    (mlp.l3, True, dict(gated=True, residual=True))]
-            if mlp.l12 is not None:
-                mats.append((mlp.l12, False, dict(norm=True)))
+                    (mlp.l3, True, dict(gated=True, residual=True)),
+                    (mlp.l12, False, dict(norm=True))]
             for m, plain, fused in mats:
                 key = (*m.weight.shape, m.weight.dtype, m.bias is not None)
                 add((*key, plain))
@@ -309,7 +337,8 @@ class TransnormerForCausalLM(nn.Module):
 
 
 def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """The official state-dict names and shapes a checkpoint for `cfg` must hold."""
+    """The official state-dict names and shapes a checkpoint for `cfg` must hold (l1 and l2, not
+    l12), in the model's order: embedding, layer by layer, head."""
     with torch.device("meta"):
         m = TransnormerForCausalLM(cfg)
-    return {name: tuple(p.shape) for name, p in m.named_parameters()}
+    return {name: tuple(t.shape) for name, t in m.state_dict().items()}

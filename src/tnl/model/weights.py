@@ -1,5 +1,10 @@
 """Checkpoint files -> a ready model, and random checkpoints for tests and benchmarks.
 
+Checkpoints use the official names; one mapping differs from the model's parameters: each layer's
+channel_mixer.l1 and l2 are the two halves of the model's channel_mixer.l12 (one matmul). Loading
+writes each into its half (packed_part says where); saving splits l12 back (the model's
+state_dict() does, see SGLU).
+
 Layouts read (in this order of preference, the first one present wins):
     model.safetensors.index.json + model-0000k-of-0000n.safetensors
     model.safetensors
@@ -34,7 +39,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from tnl.config import ModelConfig
-from tnl.model.transnormer import Lrpe, TransnormerForCausalLM, expected_tensors
+from tnl.model.transnormer import Lrpe, TransnormerForCausalLM, expected_tensors, packed_part
 
 logger = logging.getLogger(__name__)
 
@@ -285,6 +290,26 @@ def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
     module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
 
 
+def _place(model: nn.Module, name: str, t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Checkpoint tensor `name` -> its parameter on `device` in `dtype`: the parameter itself (on
+    CPU in the file's dtype, no copy: the file's private mapping), or, for one part of a packed
+    parameter (l1 / l2 -> l12), copied into its rows of that parameter (allocated with the
+    first part). Returns the value placed."""
+    part = packed_part(name)
+    if part is None:
+        value = t.to(device=device, dtype=dtype).contiguous()
+        _set_parameter(model, name, value)
+        return value
+    packed, index, count = part
+    param = model.get_parameter(packed)
+    if param.is_meta:
+        _set_parameter(model, packed, torch.empty(param.shape, device=device, dtype=dtype))
+        param = model.get_parameter(packed)
+    rows = param.shape[0] // count
+    param[index * rows:(index + 1) * rows].copy_(t)
+    return param
+
+
 def _place_buffers(model: TransnormerForCausalLM, device: torch.device) -> None:
     """The per-layer decay rates are computed, not stored: under meta they have no values yet."""
     for layer in model.model.layers:
@@ -354,8 +379,7 @@ def load_model(path: str, device: str | torch.device = "auto", dtype: str | torc
             want = torch.float32 if name.endswith("lrpe.theta") else target
             # On CPU in the file's dtype this is no copy at all: the parameter is the (private)
             # mapping of the file, paged in on first use and shared with the page cache.
-            value = t.to(device=dev, dtype=want).contiguous()
-            _set_parameter(model, name, value)
+            value = _place(model, name, t, dev, want)
             nbytes = t.numel() * t.element_size()
             in_place += nbytes if value.data_ptr() == t.data_ptr() else 0
             del t, value
@@ -384,19 +408,6 @@ def load_model(path: str, device: str | torch.device = "auto", dtype: str | torc
 
 
 # ---- writing checkpoints ---------------------------------------------------------------------------
-def _official_state_dict(model: TransnormerForCausalLM) -> dict[str, torch.Tensor]:
-    """The model's tensors under the official names (a fused l12 is split back into l1 and l2)."""
-    out = {}
-    for name, p in model.named_parameters():
-        if ".channel_mixer.l12." in name:
-            a, b = p.detach().chunk(2, dim=0)
-            out[name.replace(".l12.", ".l1.")] = a
-            out[name.replace(".l12.", ".l2.")] = b
-        else:
-            out[name] = p.detach()
-    return out
-
-
 def _config_dict_for(cfg: dict, dtype: torch.dtype | None) -> dict:
     cfg = dict(cfg)
     if dtype is not None:
@@ -411,7 +422,7 @@ def save_checkpoint(model: TransnormerForCausalLM, directory: str, dtype: torch.
     Returns the directory. Holds one CPU copy of the weights while writing."""
     os.makedirs(directory, exist_ok=True)
     sd = {}
-    for name, t in _official_state_dict(model).items():
+    for name, t in model.state_dict().items():      # the official names: l12 split into l1 and l2
         want = torch.float32 if name.endswith("lrpe.theta") else (dtype or t.dtype)
         sd[name] = t.to("cpu", want).contiguous()
     save_file(sd, os.path.join(directory, SAFE_SINGLE), metadata={"format": "pt"})
