@@ -18,7 +18,7 @@ GB/s = weight bytes / time.
 All kernels are compiled up front in parallel threads (triton_gemm.precompile); every config is
 checked (eagerly, twice, and after graph replay) before its time counts.
 
-The JSON's "tuned" list is what tnl.kernels.triton_gemm.load_tuned reads.
+The JSON's "tuned" list is what tnl.kernels.triton_gemm.TunedTable.load reads (tnl --gemm-table PATH).
 """
 from __future__ import annotations
 
@@ -216,7 +216,7 @@ def bench_shape_m(tg, name, N, K, M, Ws, W0f, n_copies, args, dev, out_dtype) ->
 def bench_gated(tg, rows: list[dict], args, dev, l2: int) -> list[dict]:
     """The GLU's down projection as the model runs it: F.linear(a * b, W) (cuBLAS plus the
     elementwise product) against skinny_linear(ab, W, gated=True) with the best l3 config of
-    this run, at each M. Where gated wins decides tnl.kernels.SKINNY_GATED_MAX_M."""
+    this run, at each M. Where gated wins decides tnl.kernels.backend.SKINNY_GATED_MAX_M."""
     N, K = SHAPES["l3"]
     n_copies = max(2, math.ceil(COLD_FACTOR * l2 / (N * K * 2)))
     W0 = torch.randn(N, K, device=dev, dtype=DTYPE) * K ** -0.5

@@ -3,9 +3,9 @@
 # time, server start-up and HTTP load. Results go to $OUT (default ./out).
 #   bash benchmarks/gpu_session.sh tests bench sync profile http gemm   # or: serve, demo
 # Phases: tests (tests/test_cuda.py, test_triton_gemm.py), bench (anchor_bench + tnl bench),
-# sync (tnl bench with --no-async-scheduling, the A/B), cublas (tnl bench with TNL_SKINNY_GEMM=0,
-# the A/B of the Triton decode matmuls), ab (fused decode layers and PDL on/off: AB_COMBOS,
-# AB_REPEAT, AB_BATCH), profile, http (offline batch 64 then `tnl serve` under 64 (HTTP_MODES, HTTP_REPEAT, HTTP_PROCS)
+# sync (tnl bench with --no-async-scheduling, the A/B), cublas (tnl bench with --skinny-gemm off,
+# the A/B of the Triton decode matmuls), ab (fused decode layers and PDL on/off: AB_COMBOS, each
+# combo a set of tnl bench kernel flags; AB_REPEAT, AB_BATCH), profile, http (offline batch 64 then `tnl serve` under 64 (HTTP_MODES, HTTP_REPEAT, HTTP_PROCS)
 # streaming clients, same call), httpab (HTTP A/B of server variants with the engine's counters),
 # serve (load from disk + start-up + HTTP), gemm (kernel sweep),
 # demo (train the demo model).
@@ -59,7 +59,7 @@ PY
       --prefill-len --context-lens --no-async-scheduling --json "$OUT/bench_sync.json" 2>&1 \
       | tee "$OUT/bench_sync.txt" | grep -v INFO ;;
   cublas)
-    TNL_SKINNY_GEMM=0 python3 -m tnl.cli bench --model random-7b --batch-sizes 1 64 256 --prompt-len 128 \
+    python3 -m tnl.cli bench --model random-7b --skinny-gemm off --batch-sizes 1 64 256 --prompt-len 128 \
       --output-len 64 --prefill-len --context-lens --json "$OUT/bench_cublas.json" 2>&1 \
       | tee "$OUT/bench_cublas.txt" | grep -v INFO ;;
   http)
@@ -124,12 +124,12 @@ PY
     done ;;
   ab)
     # A/B of the fused decode layers and programmatic dependent launch, alternating runs
-    IFS=';' read -ra combos <<< "${AB_COMBOS:-default;TNL_PDL=0;TNL_FUSED_DECODE=0;TNL_PDL=0 TNL_FUSED_DECODE=0}"
+    IFS=';' read -ra combos <<< "${AB_COMBOS:-default;--no-pdl;--fused-decode off;--no-pdl --fused-decode off}"
     for rep in $(seq "${AB_REPEAT:-1}"); do
       for combo in "${combos[@]}"; do
         echo "== $combo (round $rep)" | tee -a "$OUT/ab.txt"
         # shellcheck disable=SC2046
-        env $([ "$combo" = default ] || echo "$combo") python3 -m tnl.cli bench --model random-7b \
+        python3 -m tnl.cli bench --model random-7b $([ "$combo" = default ] || echo "$combo") \
           --batch-sizes ${AB_BATCH:-1 64} --prompt-len 128 --output-len ${AB_OUTPUT_LEN:-128} --prefill-len \
           --context-lens 2>&1 | grep -v INFO | tee -a "$OUT/ab.txt"
       done

@@ -9,20 +9,29 @@ import torch
 
 from helpers_model import random_state_dict, tiny_config
 from reference import reference_logits, rel_err
-from tnl import kernels
 from tnl.config import EngineConfig, ModelConfig
 from tnl.engine.core import COUNTERS
 from tnl.kernels import torch_ops
+from tnl.kernels.backend import Backend
+from tnl.kernels.config import KernelConfig
 from tnl.model.transnormer import TransnormerForCausalLM
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 DEV = "cuda"
 
 
-def _qkv(T, H, dk, dv, dtype, seed):
+@pytest.fixture(scope="module")
+def backend() -> Backend:
+    """The default kernels on the GPU (fla, Triton, the shipped skinny-GEMM table on sm_90)."""
+    return Backend(KernelConfig(), DEV)
+
+
+def _qkv(T, H, dk, dv, dtype, seed, features=True):
+    """q, k, v [T, H, d]; q and k feature-mapped (silu) unless features=False (raw projections)."""
     g = torch.Generator(device=DEV).manual_seed(seed)
-    q = torch.nn.functional.silu(torch.randn(T, H, dk, device=DEV, generator=g)).to(dtype)
-    k = torch.nn.functional.silu(torch.randn(T, H, dk, device=DEV, generator=g)).to(dtype)
+    fm = torch.nn.functional.silu if features else (lambda t: t)
+    q = fm(torch.randn(T, H, dk, device=DEV, generator=g)).to(dtype)
+    k = fm(torch.randn(T, H, dk, device=DEV, generator=g)).to(dtype)
     v = torch.randn(T, H, dv, device=DEV, generator=g).to(dtype)
     return q, k, v
 
@@ -50,9 +59,8 @@ def test_triton_decode_matches_torch(dk, B):
 
 
 @pytest.mark.parametrize("lrpe", [False, True])
-def test_fused_feature_map_decode_matches_torch(lrpe):
+def test_fused_feature_map_decode_matches_torch(lrpe, backend):
     """The kernel applies silu (and LRPE at each sequence's position) to raw projections."""
-    from tnl import kernels as K
     H, dh = 8, 128
     dk = 2 * dh if lrpe else dh
     theta = (torch.rand(H, 1, dh, device=DEV) * 0.5) if lrpe else None
@@ -63,18 +71,21 @@ def test_fused_feature_map_decode_matches_torch(lrpe):
     p1, p2 = pool.clone(), pool.clone()
     fq, fk = (torch_ops.feature_map(t, theta, positions) for t in (q, k))
     o1 = torch_ops.recurrent_step(fq, fk, v, torch.exp(-torch.ones(H, device=DEV) * 0.1), p1, slots)
-    o2 = K.decode_attention(q, k, v, torch.exp(-torch.ones(H, device=DEV) * 0.1), p2, slots, theta, positions)
+    o2 = backend.decode_attention(q, k, v, torch.exp(-torch.ones(H, device=DEV) * 0.1), p2, slots, theta, positions)
     assert rel_err(o2.float(), o1.float()) < 1e-2
     assert rel_err(p2, p1) < 1e-3
 
 
 @pytest.mark.parametrize("dk", [128, 256])
-def test_fla_varlen_prefill_matches_torch_with_pool_states(dk):
+def test_fla_varlen_prefill_matches_torch_with_pool_states(dk, backend):
+    """Backend.prefill_attention from raw projections (silu applied there, then fla) against the
+    float64 chunk loop on the same feature-mapped inputs."""
     pytest.importorskip("fla")
     H, dv = 4, 128
     lens = [1, 255, 256, 257, 700]
     T = sum(lens)
-    q, k, v = _qkv(T, H, dk, dv, torch.bfloat16, 1)
+    raw_q, raw_k, v = _qkv(T, H, dk, dv, torch.bfloat16, 1, features=False)
+    q, k = (torch_ops.feature_map(t, None, None) for t in (raw_q, raw_k))
     slope = torch.linspace(0.02, 0.5, H, device=DEV)
     pool = torch.randn(8, H, dk, dv, device=DEV) * 0.1
     slots = torch.tensor([6, 0, 3, 5, 1], device=DEV)
@@ -86,8 +97,8 @@ def test_fla_varlen_prefill_matches_torch_with_pool_states(dk):
     o_ref, fin = torch_ops.varlen_chunk_attention(q.double(), k.double(), v.double(), slope.double(), init.double(), cu)
     p_ref.index_copy_(0, slots, fin.float())
     p_fast = pool.clone()
-    o = kernels.prefill_attention(q, k, v, slope, p_fast, slots, torch.tensor(cu, device=DEV), cu)
-    assert kernels.backend_names(torch.device(DEV))["prefill"].startswith("fla")
+    o = backend.prefill_attention(raw_q, raw_k, v, slope, p_fast, slots, torch.tensor(cu, device=DEV), cu)
+    assert backend.names()["prefill"].startswith("fla")
     assert rel_err(o.float(), o_ref) < 5e-3
     assert rel_err(p_fast, p_ref) < 5e-3
 
@@ -112,7 +123,8 @@ def small_model():
 
 
 def _build(cfg, sd, device, dtype):
-    m = TransnormerForCausalLM(ModelConfig.from_dict(cfg))
+    """The model with the default kernels for `device` (the loader's choice)."""
+    m = TransnormerForCausalLM(ModelConfig.from_dict(cfg), backend=Backend(KernelConfig(), device))
     m.load_state_dict(sd)
     m = m.to(device)
     for layer in m.model.layers:
@@ -232,23 +244,22 @@ SHAPES_7B = {"qkvu": (16384, 4096), "out_proj": (4096, 4096), "l12": (22016, 409
 
 
 @pytest.mark.parametrize("M", [1, 3, 48, 64])
-def test_skinny_gemm_linear_matches_float64(M):
-    """kernels.linear on the 7B decode shapes (where the shipped sm_90 table picks the Triton
+def test_skinny_gemm_linear_matches_float64(M, backend):
+    """Backend.linear on the 7B decode shapes (where the shipped sm_90 table picks the Triton
     skinny GEMM) against a float64 matmul of the same bf16 operands."""
-    from tnl.kernels import triton_gemm
     g = torch.Generator(device=DEV).manual_seed(M)
     used = 0
     for name, (N, K) in SHAPES_7B.items():
         x = torch.randn(M, K, device=DEV, generator=g).to(torch.bfloat16)
         w = (torch.randn(N, K, device=DEV, generator=g) * 0.02).to(torch.bfloat16)
-        got = kernels.linear(x, w)
+        got = backend.linear(x, w)
         assert got.dtype == torch.bfloat16 and got.shape == (M, N)
         want = x.double() @ w.double().T
         assert rel_err(got.double(), want) < 4e-3, (name, M, rel_err(got.double(), want))
-        used += kernels._skinny is not None and triton_gemm.prefer_triton(M, N, K)
+        used += backend.route(M, N, K, "plain") == "skinny"
         if name == "l3":   # the GLU gate fused into l3's loads
             ab = torch.randn(M, 2 * K, device=DEV, generator=g).to(torch.bfloat16)
-            gated = kernels.gated_linear(ab, w)
+            gated = backend.gated_linear(ab, w)
             want = (ab[:, :K] * ab[:, K:]).double() @ w.double().T
             assert rel_err(gated.double(), want) < 4e-3, ("gated l3", M, rel_err(gated.double(), want))
     if torch.cuda.get_device_capability() == (9, 0):
@@ -256,8 +267,8 @@ def test_skinny_gemm_linear_matches_float64(M):
 
 
 @pytest.mark.parametrize("M", [1, 3, 32, 48, 64])
-def test_fused_decode_linears_match_float64(M):
-    """kernels.fused_linear as the fused decode layer calls it on the 7B shapes (srms inside
+def test_fused_decode_linears_match_float64(M, backend):
+    """Backend.fused_linear as the fused decode layer calls it on the 7B shapes (srms inside
     qkvu / l12; u * srms(o) and the residual add inside out_proj; the GLU gate and the residual
     add inside l3 up to 32 rows, cuBLAS adding the residual beyond), with programmatic dependent
     launch on sm_90, against float64."""
@@ -272,24 +283,24 @@ def test_fused_decode_linears_match_float64(M):
     x = rnd(M, 4096, scale=5.0)
     for name, kw in (("qkvu", {}), ("l12", {})):
         w = rnd(*SHAPES_7B[name], scale=0.02)
-        got = kernels.fused_linear(x, w, norm=True, **kw)
+        got = backend.fused_linear(x, w, norm=True, **kw)
         assert rel_err(got.double(), srms(x.double()) @ w.double().T) < 4e-3, name
     qkvu = rnd(M, 16384)
     o, u = rnd(M, 4096, scale=3.0), qkvu[:, 12288:]
     w, r = rnd(4096, 4096, scale=0.02), rnd(M, 4096)
     want = r.double() + (u.double() * srms(o.double())) @ w.double().T
-    got = kernels.fused_linear(o, w, norm=True, gate=u, residual=r)
+    got = backend.fused_linear(o, w, norm=True, gate=u, residual=r)
     assert got.data_ptr() == r.data_ptr() and rel_err(got.double(), want) < 4e-3
     ab, w, r = rnd(M, 2 * 11008), rnd(4096, 11008, scale=0.02), rnd(M, 4096)
     want = r.double() + (ab[:, :11008].double() * ab[:, 11008:].double()) @ w.double().T
-    got = kernels.fused_linear(ab, w, gated=True, residual=r)
+    got = backend.fused_linear(ab, w, gated=True, residual=r)
     assert rel_err(got.double(), want) < 4e-3
-    if torch.cuda.get_device_capability() == (9, 0) and kernels.FUSED_DECODE == "auto":
-        used = kernels.fused_decode_ok(x, [rnd(16384, 4096), rnd(4096, 4096), rnd(22016, 4096), rnd(4096, 11008)])
-        assert used == (M <= kernels.FUSED_MAX_M), "the sm_90 table covers the 7B layer"
+    if torch.cuda.get_device_capability() == (9, 0) and backend.config.fused_decode == "auto":
+        used = backend.fused_decode_ok(x, [rnd(16384, 4096), rnd(4096, 4096), rnd(22016, 4096), rnd(4096, 11008)])
+        assert used == (M <= backend.config.fused_decode_max_rows), "the sm_90 table covers the 7B layer"
 
 
-def test_engine_with_skinny_gemm_is_as_accurate_as_cublas(monkeypatch):
+def test_engine_with_skinny_gemm_is_as_accurate_as_cublas(backend):
     """A 7B-wide, 2-layer model through the CUDA-graph engine in bf16, once with the skinny GEMM
     (split-K, the fused GLU gate) and once with cuBLAS only, each against the
     same model in float32 on the CPU: the skinny path's logprob error is no larger than cuBLAS's."""
@@ -331,12 +342,12 @@ def test_engine_with_skinny_gemm_is_as_accurate_as_cublas(monkeypatch):
                     break
         return worst
 
-    kernels._load_cuda_kernels()
-    if kernels._skinny is None:
+    if backend.gemm is None:
         pytest.skip("no tuned skinny-GEMM table for this GPU")
     ref = run(m32)
+    m16.backend = backend
     fast = run(m16)
-    monkeypatch.setattr(kernels, "_skinny", None)
+    m16.backend = Backend(KernelConfig(skinny_gemm="off"), DEV)
     slow = run(m16)
     e_fast, e_slow = error(fast, ref), error(slow, ref)
     assert e_fast <= 1.5 * e_slow + 0.02, (e_fast, e_slow)

@@ -7,13 +7,16 @@ import torch
 from reference import reference_logits, rel_err
 from helpers_model import random_state_dict, tiny_config
 from tnl.config import ModelConfig
+from tnl.kernels.backend import Backend
+from tnl.kernels.config import KernelConfig
 from tnl.model.transnormer import AttnBatch, TransnormerForCausalLM
 
 TOL = 2e-5  # float32 against float64
 
 
-def build(cfg: dict, sd: dict) -> TransnormerForCausalLM:
-    m = TransnormerForCausalLM(ModelConfig.from_dict(cfg))
+def build(cfg: dict, sd: dict, backend: Backend | None = None) -> TransnormerForCausalLM:
+    """A model from an official-layout state dict (l1 / l2 load into l12)."""
+    m = TransnormerForCausalLM(ModelConfig.from_dict(cfg), backend=backend)
     m.load_state_dict(sd, strict=True)
     return m.eval()
 
@@ -108,17 +111,18 @@ def test_mixed_batch_decode_and_prefill_equals_separate():
 
 
 @pytest.mark.parametrize("variant", ["lrpe-theta", "bias", "heads-3"])
-def test_fused_decode_layers_match_reference(variant, monkeypatch):
-    """The fused decode layer (each norm and residual add inside a matmul: kernels.fused_linear,
-    one skinny-GEMM launch each on CUDA, the same math in PyTorch here) on a fused model, forced
-    on with TNL_FUSED_DECODE=1 semantics, against the float64 reference: decode steps of two
-    sequences in one batch, then a mixed batch with a short prompt chunk."""
-    from tnl import kernels
-    monkeypatch.setattr(kernels, "FUSED_DECODE", "1")
+def test_fused_decode_layers_match_reference(variant):
+    """The fused decode layer (each norm and residual add inside a matmul: Backend.fused_linear,
+    one skinny-GEMM launch each on CUDA, the same math in PyTorch here), forced on with
+    fused_decode "on", against the float64 reference: decode steps of two sequences in one
+    batch, then a mixed batch with a short prompt chunk."""
     v = VARIANTS[variant]
     cfg = tiny_config(**v["cfg"])
     sd = random_state_dict(cfg, seed=11, theta_scale=v.get("theta_scale", 1.0))
-    m = build(cfg, sd)
+    m = build(cfg, sd, Backend(KernelConfig(fused_decode="on")))
+    x = torch.zeros(2, m.config.d_model)
+    assert m.backend.block_ops(x, m.model.layers[0].matmul_weights()).fused
+    assert not Backend().block_ops(x, m.model.layers[0].matmul_weights()).fused   # auto: no kernel here
     g = torch.Generator().manual_seed(4)
     a = torch.randint(3, cfg["vocab_size"], (30,), generator=g).tolist()
     b = torch.randint(3, cfg["vocab_size"], (25,), generator=g).tolist()

@@ -170,13 +170,13 @@ def test_split_k_is_deterministic_and_leaves_counters_zero():
     first = skinny_linear(x, w, b, config=cfg)
     for _ in range(2):      # a counter left non-zero would skip the reduction of a later call
         assert torch.equal(skinny_linear(x, w, b, config=cfg), first)
-    assert all(int(buf.count_nonzero()) == 0 for bufs in tg._COUNTERS.values() for buf in bufs)
+    assert tg.split_k_counters() and all(int(buf.count_nonzero()) == 0 for buf in tg.split_k_counters())
 
 
 def test_default_config_and_leading_dims():
     dtype = torch.float16 if INTERPRET else torch.bfloat16
     x, w, b = _inputs(6, 100, 200, dtype, seed=3)
-    out = skinny_linear(x.reshape(2, 3, 200), w, b)       # choose_config's heuristic
+    out = skinny_linear(x.reshape(2, 3, 200), w, b)       # no config: heuristic_config
     assert out.shape == (2, 3, 100)
     assert _err(out.reshape(6, 100), _ref(x, w, b)) < _tol(dtype)
     assert skinny_linear(x[:0], w).shape == (0, 100)
@@ -237,30 +237,25 @@ def test_candidates_heuristic_and_tuned_table(tmp_path):
     rows = [tg.tuned_entry(16, 4096, 11008, best, 1.07), tg.tuned_entry(1, 4096, 4096, gemv, 0.98)]
     path = tmp_path / "gemm.json"
     path.write_text(json.dumps({"ceilings": {}, "rows": [], "tuned": rows}))
-    saved = dict(tg.TUNED), dict(tg.TUNED_SPEEDUP)
-    try:
-        assert tg.load_tuned(str(path), clear=True) == 2      # (a shipped table may be loaded)
-        assert tg.choose_config(9, 4096, 11008) == best          # 9 -> bucket 16
-        assert tg.prefer_triton(16, 4096, 11008) and not tg.prefer_triton(1, 4096, 4096)
-        assert not tg.prefer_triton(2, 4096, 4096)               # not measured
-        assert tg.choose_config(2, 4096, 4096) == tg.heuristic_config(2, 4096, 4096)
-        assert tg.load_tuned(rows, clear=True) == 2              # the bare list works too
-    finally:
-        tg.TUNED.clear(); tg.TUNED.update(saved[0])
-        tg.TUNED_SPEEDUP.clear(); tg.TUNED_SPEEDUP.update(saved[1])
+    table = tg.TunedTable.load(str(path))
+    assert len(table) == 2
+    assert table.choose_config(9, 4096, 11008) == best          # 9 -> bucket 16
+    assert table.prefer_triton(16, 4096, 11008) and not table.prefer_triton(1, 4096, 4096)
+    assert table.has_tuned(1, 4096, 4096) and not table.has_tuned(2, 4096, 4096)
+    assert not table.prefer_triton(2, 4096, 4096)               # not measured
+    assert table.choose_config(2, 4096, 4096) == tg.heuristic_config(2, 4096, 4096)
+    assert tg.TunedTable.load(rows).configs == table.configs    # the bare list works too
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(DEV != "cuda" or torch.cuda.get_device_capability() < (9, 0),
                     reason="programmatic dependent launch needs sm_90+")
 @pytest.mark.parametrize("prefetch", [0, 32768])
-def test_programmatic_dependent_launch_chain(monkeypatch, prefetch):
+def test_programmatic_dependent_launch_chain(prefetch):
     """With PDL each kernel lets the next start early and waits (griddepcontrol.wait) before
     touching memory; with prefetch > 0 it first asks L2 for its W rows. A chain of dependent
     calls (each reads the previous output; split-K, fused norm/gate/residual; K = 200 with
     16-byte aligned rows and K = 100 without), eagerly and replayed from a CUDA graph."""
-    monkeypatch.setattr(tg, "PDL", True)
-    monkeypatch.setattr(tg, "PDL_PREFETCH", prefetch)
     g = torch.Generator().manual_seed(11)
     ws = [(torch.randn(200, 200, generator=g) * 200 ** -0.5).to(torch.bfloat16).to(DEV),
           (torch.randn(100, 200, generator=g) * 200 ** -0.5).to(torch.bfloat16).to(DEV),
@@ -273,7 +268,7 @@ def test_programmatic_dependent_launch_chain(monkeypatch, prefetch):
         for i in range(6):
             w, cfg = ws[i % 3], cfgs[i % 3]
             if fast:
-                y = skinny_linear(x, w, config=cfg, norm=True)
+                y = skinny_linear(x, w, config=cfg, norm=True, pdl=True, prefetch=prefetch)
             else:
                 xd = x.double()
                 y = ((xd / (xd.norm(dim=-1, keepdim=True) / xd.shape[-1] ** 0.5 + 1e-8)) @ w.double().T)

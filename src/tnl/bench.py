@@ -14,6 +14,7 @@ import time
 
 from tnl.args import add_model_args
 from tnl.config import ModelConfig, engine_config
+from tnl.kernels.config import KernelConfig, add_kernel_args, kernel_config_from_args
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def run_requests(engine, prompts: list[list[int]], max_tokens: int) -> dict:
             "step_ms_median": 1e3 * statistics.median(step_times) if step_times else float("nan")}
 
 
-def bench(args) -> dict:
+def bench(args, kernel_config: KernelConfig | None = None) -> dict:
     import torch
 
     from tnl.engine import LLMEngine
@@ -96,20 +97,19 @@ def bench(args) -> dict:
         if device.type == "cpu":
             check_host_memory(f"{RANDOM_MODEL} in {str(dtype).removeprefix('torch.')}",
                               ModelConfig.from_dict(RANDOM_7B).num_params() * dtype.itemsize)
-        model = random_model(RANDOM_7B, device, dtype)
+        model = random_model(RANDOM_7B, device, dtype, kernel_config=kernel_config)
     else:
         from tnl.loading import resolve_model_dir
         from tnl.model.weights import load_model
         model = load_model(resolve_model_dir(args.model, args.source, args.cache_dir, args.revision),
-                           device=str(device), dtype=args.dtype)
+                           device=str(device), dtype=args.dtype, kernel_config=kernel_config)
     out["load_s"] = time.perf_counter() - t0
     cfg = model.config
     if device.type == "cpu":
         set_cpu_threads(cfg, args.threads)
     wbytes = weight_bytes(model)
     out.update(params_B=cfg.num_params() / 1e9, weight_GB=wbytes / 1e9, state_MB_per_seq=cfg.state_bytes() / 1e6)
-    from tnl.kernels import backend_names
-    out["kernels"] = backend_names(device)
+    out["kernels"] = model.backend.names()
     max_bs = max(args.batch_sizes)
     t0 = time.perf_counter()
     ec = engine_config(max_num_seqs=max_bs, max_num_batched_tokens=max(args.max_num_batched_tokens, max_bs),
@@ -181,6 +181,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="overlap host work with the next decode step (default: on for CUDA)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    add_kernel_args(p)
 
 
 def print_report(out: dict) -> None:
@@ -203,7 +204,7 @@ def print_report(out: dict) -> None:
 
 
 def main(args) -> int:
-    out = bench(args)
+    out = bench(args, kernel_config_from_args(args))
     print_report(out)
     if args.json:
         with open(args.json, "w") as f:

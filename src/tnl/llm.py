@@ -4,6 +4,7 @@ from __future__ import annotations
 from tnl.config import engine_config
 from tnl.engine.request import RequestOutput
 from tnl.engine.sampling_params import SamplingParams
+from tnl.kernels.config import KernelConfig
 from tnl.loading import build_engine
 
 
@@ -19,11 +20,11 @@ class LLM:
                  max_num_seqs: int | None = None, max_num_batched_tokens: int = 2048,
                  chat_template: str | None = None, source: str = "modelscope", cache_dir: str | None = None,
                  revision: str | None = None, cuda_graphs: bool = True, progress: bool = True,
-                 threads: int | None = None):
+                 threads: int | None = None, kernel_config: KernelConfig | None = None):
         ec = engine_config(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                            max_waiting=1 << 30, cuda_graphs=cuda_graphs)
         self.engine = build_engine(model, device, dtype, ec, chat_template, source, cache_dir, revision, progress,
-                                   threads=threads)
+                                   threads=threads, kernel_config=kernel_config)
         self.tokenizer = self.engine.tokenizer
 
     def _encode(self, prompt: str | list[int]) -> tuple[list[int], str | None]:

@@ -12,6 +12,7 @@ import logging
 import os
 
 from tnl.config import EngineConfig
+from tnl.kernels.config import KernelConfig
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +108,9 @@ def generation_stop_ids(model_dir: str | None) -> set[int]:
 def build_engine(model: str | None = None, device: str = "auto", dtype: str = "auto",
                  engine_config: EngineConfig | None = None, chat_template_file: str | None = None,
                  source: str = "modelscope", cache_dir: str | None = None, revision: str | None = None,
-                 progress: bool = True, threads: int | None = None):
-    """The LLMEngine for `model` (see the module docstring for names)."""
+                 progress: bool = True, threads: int | None = None, kernel_config: KernelConfig | None = None):
+    """The LLMEngine for `model` (see the module docstring for names); kernel_config: the kernels
+    its model runs (default KernelConfig())."""
     from tnl.config import ModelConfig
     from tnl.engine.llm_engine import LLMEngine
     from tnl.model.tokenizer import Tokenizer
@@ -122,10 +124,10 @@ def build_engine(model: str | None = None, device: str = "auto", dtype: str = "a
             check_host_memory(f"{RANDOM_MODEL} in {str(dt).removeprefix('torch.')}",
                               cfg.num_params() * dt.itemsize)
             set_cpu_threads(cfg, threads)
-        m = random_model(RANDOM_7B, dev, dt)
+        m = random_model(RANDOM_7B, dev, dt, kernel_config=kernel_config)
         return LLMEngine(m, None, engine_config)
     path = resolve_model_dir(model, source, cache_dir, revision)
-    m = load_model(path, device=device, dtype=dtype, progress=progress)
+    m = load_model(path, device=device, dtype=dtype, progress=progress, kernel_config=kernel_config)
     if m.head_weight.device.type == "cpu":
         set_cpu_threads(m.config, threads)
     cfg = m.config

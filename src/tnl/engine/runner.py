@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import torch
 
-from tnl import kernels
 from tnl.engine.request import Request
 from tnl.engine.scheduler import SchedulerOutput
 from tnl.model.transnormer import AttnBatch, TransnormerForCausalLM
@@ -92,7 +91,7 @@ class ModelRunner:
         self._out: dict[int, torch.Tensor] = {}
         mempool = torch.cuda.graph_pool_handle()
         sizes = graph_batch_sizes(max_bs)
-        kernels.precompile_linears(self.model.linear_shapes(), sizes)
+        self.model.backend.precompile(self.model.config, self.model.head_weight.dtype, sizes)
         with torch.inference_mode():
             s = torch.cuda.Stream(dev)
             s.wait_stream(torch.cuda.current_stream(dev))

@@ -11,6 +11,15 @@ from __future__ import annotations
 import torch
 
 
+def rms_norm(x: torch.Tensor, gate: torch.Tensor | None = None, eps: float = 1e-8) -> torch.Tensor:
+    """SimpleRMSNorm (srms) over the last dim of x [..., N]: x / (||x|| / sqrt(N) + eps), no
+    weight; normalised in float32 and cast back; times `gate` when given (the token mixer's
+    u * srms(o)), in x's dtype."""
+    xf = x.float()
+    y = (xf / (xf.norm(2, dim=-1, keepdim=True) * xf.shape[-1] ** -0.5 + eps)).to(x.dtype)
+    return y if gate is None else gate * y
+
+
 def feature_map(x: torch.Tensor, theta: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
     """The query/key feature map: silu, then LRPE when theta is given.
 

@@ -10,8 +10,6 @@ import torch
 import triton
 import triton.language as tl
 
-PDL = False   # programmatic dependent launch (sm_90+): set by tnl.kernels on Hopper unless TNL_PDL=0
-
 
 @triton.jit
 def _pdl_start(PDL: tl.constexpr):
@@ -65,14 +63,15 @@ def _recurrent_step_kernel(q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, pool_ptr, slot
 
 
 def recurrent_step_triton(q, k, v, decay, pool, slots, features: bool = False, theta=None, positions=None,
-                          block_v: int | None = None, num_warps: int = 4):
+                          block_v: int | None = None, num_warps: int = 4, pdl: bool = False):
     """Same contract as torch_ops.recurrent_step: q, k [B, H, dk]; v [B, H, dv]; decay [H] f32;
     pool [S, H, dk, dv] f32 contiguous; slots [B] long. Returns o [B, H, dv] in v's dtype.
 
     With features=True, q and k are the raw projections [B, H, dh]: the kernel applies silu and,
     when theta [H, 1, dh] is given, LRPE at `positions` [B] (then dk = 2 dh), rounding to the
     input dtype after each step as the unfused torch path does. block_v / num_warps override the
-    launch shape (benchmarks/decode_kernel_bench.py sweeps them)."""
+    launch shape (benchmarks/decode_kernel_bench.py sweeps them). pdl: launch with programmatic
+    dependent launch (sm_90+; see tnl.kernels.config.KernelConfig.pdl)."""
     B, H, DH = q.shape
     DK = 2 * DH if (features and theta is not None) else DH
     DV = v.shape[-1]
@@ -89,7 +88,7 @@ def recurrent_step_triton(q, k, v, decay, pool, slots, features: bool = False, t
                                  q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                                  o.stride(0), o.stride(1), pool.stride(0), pool.stride(1), pool.stride(2),
                                  DH=DH, DK=DK, DV=DV, BK=BK, BV=BV, FEATURES=features, LRPE=theta is not None,
-                                 PDL=PDL, num_warps=num_warps, launch_pdl=PDL)
+                                 PDL=pdl, num_warps=num_warps, launch_pdl=pdl)
     return o
 
 
@@ -118,10 +117,11 @@ def _rms_norm_kernel(x_ptr, g_ptr, y_ptr, r_ptr, stride_x, stride_g, stride_y, s
 
 
 def rms_norm(x: torch.Tensor, gate: torch.Tensor | None = None, eps: float = 1e-8,
-             residual: torch.Tensor | None = None) -> torch.Tensor:
+             residual: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
     """srms over the last dim of a 2-D tensor, optionally times `gate` (same shape): one pass.
     With `residual`, first residual += x in place and normalise the sum.
-    Rounds like the torch path: normalise in float32, cast, then gate in the input dtype."""
+    Rounds like the torch path (torch_ops.rms_norm): normalise in float32, cast, then gate in the
+    input dtype. pdl: as for recurrent_step_triton."""
     assert x.dim() == 2 and x.stride(-1) == 1
     n_rows, N = x.shape
     y = torch.empty(n_rows, N, dtype=x.dtype, device=x.device)
@@ -133,5 +133,5 @@ def rms_norm(x: torch.Tensor, gate: torch.Tensor | None = None, eps: float = 1e-
     BLOCK = triton.next_power_of_2(N)
     _rms_norm_kernel[(n_rows,)](x, g, y, r, x.stride(0), g.stride(0), y.stride(0), r.stride(0), N, eps,
                                 HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None, BLOCK=BLOCK,
-                                PDL=PDL, num_warps=8 if BLOCK >= 4096 else 4, launch_pdl=PDL)
+                                PDL=pdl, num_warps=8 if BLOCK >= 4096 else 4, launch_pdl=pdl)
     return y

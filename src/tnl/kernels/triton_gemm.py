@@ -18,9 +18,10 @@ Two ways to do the math, chosen per config (the benchmark decides which is faste
   * FMA (BLOCK_M <= 8): broadcast multiply and tl.sum on CUDA cores, no padding of x; for
     BLOCK_M == 1 the K reduction is deferred to after the loop (one FMA per weight element).
 
-Configs: Config / candidate_configs (what benchmarks/gemm_bench.py sweeps) / choose_config, which
-looks up TUNED[(m_bucket(M), N, K)] (fill it from the benchmark's JSON with load_tuned) and falls
-back to heuristic_config. precompile() compiles many configs' kernels in parallel threads.
+Configs: Config / candidate_configs (what benchmarks/gemm_bench.py sweeps) / TunedTable (the
+benchmark's best config per shape, loaded from its JSON; tnl.kernels.backend.Backend holds one and
+passes its choice as `config`) / heuristic_config (the untuned default). precompile() compiles many
+configs' kernels in parallel threads.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import json
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -69,12 +70,8 @@ class Config:
         return self.num_stages * (self.BLOCK_N + self.BLOCK_M) * self.BLOCK_K * elem_size
 
 
-# (m_bucket(M), N, K) -> best config, and its measured speedup over cuBLAS (<= 1: cuBLAS is as fast).
-TUNED: dict[tuple[int, int, int], Config] = {}
-TUNED_SPEEDUP: dict[tuple[int, int, int], float] = {}
-
 _NUM_SMS: dict[int, int] = {}
-_COUNTERS: dict[str, list[torch.Tensor]] = {}
+_COUNTERS: dict[str, list[torch.Tensor]] = {}    # device -> split-K arrival counter buffers
 _SMEM_LIMIT = 220 * 1024          # H100: 227 KB per CTA; leave room for Triton's own scratch
 
 
@@ -297,18 +294,19 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
+def split_k_counters() -> list[torch.Tensor]:
+    """Every split-K arrival-counter buffer allocated so far (outside CUDA-graph captures). Each
+    call leaves the counters it used at zero: a non-zero one would skip a later call's reduction."""
+    return [buf for bufs in _COUNTERS.values() for buf in bufs]
+
+
 def _split_k(cfg: Config, K: int) -> int:
     return max(1, min(cfg.SPLIT_K, triton.cdiv(K, cfg.BLOCK_K)))
 
 
-PDL = False   # programmatic dependent launch (sm_90+): set by tnl.kernels on Hopper unless TNL_PDL=0
-# with PDL: bytes of its W slab each CTA asks L2 to prefetch before waiting on the previous kernel
-# (H100, 7B decode, b1: 0 -> 197.1 tok/s, 2K 198.6, 8K 199.8, 16K 199.4, 32K 192.4, 128K 160.9)
-PDL_PREFETCH = 8192   # tnl.kernels sets it from TNL_PDL_PREFETCH
-
-
 def _meta(cfg: Config, N: int, K: int, split: int, has_bias: bool, gated: bool = False,
-          norm: bool = False, residual: bool = False, w_aligned: bool | None = None) -> dict:
+          norm: bool = False, residual: bool = False, w_aligned: bool | None = None,
+          pdl: bool = False, prefetch: int = 0) -> dict:
     """The kernel's compile-time arguments and launch options for this config and shape.
     w_aligned: W's start and row stride are multiples of 16 bytes (default: a contiguous
     half-precision W, i.e. K % 8 == 0), which the L2 bulk prefetch needs."""
@@ -316,9 +314,9 @@ def _meta(cfg: Config, N: int, K: int, split: int, has_bias: bool, gated: bool =
         w_aligned = K % 8 == 0
     return dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, USE_DOT=cfg.USE_DOT,
                 SPLIT=split > 1, HAS_BIAS=has_bias, EVEN_N=N % cfg.BLOCK_N == 0, EVEN_K=K % cfg.BLOCK_K == 0,
-                NUM_STAGES=cfg.num_stages, GATED=gated, NORM=norm, RESIDUAL=residual, PDL=PDL,
-                PREFETCH=PDL_PREFETCH if PDL and w_aligned else 0,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=PDL)
+                NUM_STAGES=cfg.num_stages, GATED=gated, NORM=norm, RESIDUAL=residual, PDL=pdl,
+                PREFETCH=prefetch if pdl and w_aligned else 0,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl)
 
 
 def _row_major(t: torch.Tensor, K: int, what: str) -> torch.Tensor:
@@ -330,10 +328,12 @@ def _row_major(t: torch.Tensor, K: int, what: str) -> torch.Tensor:
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                   config: Config | None = None, out_dtype: torch.dtype | None = None,
                   gated: bool = False, gate: torch.Tensor | None = None, norm: bool = False,
-                  residual: torch.Tensor | None = None, eps: float = 1e-8) -> torch.Tensor:
+                  residual: torch.Tensor | None = None, eps: float = 1e-8, pdl: bool = False,
+                  prefetch: int = 0) -> torch.Tensor:
     """F.linear(x, weight, bias) for few-row x: x [..., K], weight [N, K] (row-major, like
     nn.Linear.weight), bias [N] or None. fp32 accumulation; the result is in out_dtype (default
-    x.dtype; float32 e.g. for lm_head logits). config: a Config, else choose_config(M, N, K).
+    x.dtype; float32 e.g. for lm_head logits). config: a Config (a TunedTable's choose_config),
+    else heuristic_config(M, N, K).
 
     Fused on the way (each saves a kernel of its own at decode time):
       gate: [..., K]: F.linear(x * gate, ...), multiplied while x is loaded; gated=True: x is
@@ -341,6 +341,10 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
       norm: SimpleRMSNorm of x first (x / (||x|| / sqrt(K) + eps), before the gate): a per-row
         scalar, so each CTA sums x^2 over the K it reads and the output is scaled at the end.
       residual: [..., N] in out's dtype: returns residual + out, written into `residual` in place.
+
+    pdl: launch with programmatic dependent launch (sm_90+), and then have each block prefetch
+    `prefetch` bytes of its W slab into L2 before waiting on the previous kernel (see
+    tnl.kernels.config.KernelConfig).
 
     One kernel launch, no host sync: safe to capture in a CUDA graph. Concurrent split-K calls on
     different streams of one device would share the arrival counters: use one stream at a time."""
@@ -374,7 +378,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return out.reshape(*lead, N)
     if bias is not None:
         assert bias.shape == (N,) and bias.stride(0) == 1, bias.shape
-    cfg = config or choose_config(M, N, K)
+    cfg = config or heuristic_config(M, N, K)
     assert cfg.USE_DOT or cfg.BLOCK_M <= 8, "FMA configs take at most 8 rows per CTA"
     num_m = triton.cdiv(M, cfg.BLOCK_M)
     num_n = triton.cdiv(N, cfg.BLOCK_N)
@@ -390,18 +394,20 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                          x2.stride(0), g2.stride(0), weight.stride(0), out.stride(0), out.stride(0), split, eps,
                          **_meta(cfg, N, K, split, bias is not None, gated or gate is not None, norm,
                                  residual is not None, w_aligned=weight.data_ptr() % 16 == 0
-                                 and weight.stride(0) * weight.element_size() % 16 == 0))
+                                 and weight.stride(0) * weight.element_size() % 16 == 0, pdl=pdl,
+                                 prefetch=prefetch))
     return out.reshape(*lead, N)
 
 
-def precompile(jobs, max_workers: int | None = None) -> tuple[int, int]:
+def precompile(jobs, max_workers: int | None = None, *, pdl: bool = False, prefetch: int = 0) -> tuple[int, int]:
     """Compile the kernels that skinny_linear will launch for `jobs`, in parallel threads (Triton
     drops the GIL while compiling), so that first calls do not stall one compile at a time: for
     a config sweep, or before capturing CUDA graphs. jobs: iterable of
     (M, N, K, config, dtype, out_dtype, has_bias[, fused]) for contiguous x [M, K] and weight
     [N, K] of `dtype`; fused: True for gated=True, or a dict of skinny_linear's fusions: gated
     (bool), gate_stride (row stride of a separate gate, 0 for none), norm (bool), residual
-    (bool). Returns (distinct kernels, how many failed to compile); a failed one fails again,
+    (bool). pdl, prefetch: as the calls will pass them to skinny_linear (they are compile-time
+    arguments). Returns (distinct kernels, how many failed to compile); a failed one fails again,
     with its error, at its first real call. Needs the CUDA driver; a no-op under
     TRITON_INTERPRET=1. Without triton.AsyncCompileMode (triton < 3.4) it compiles serially and
     counts jobs instead of distinct kernels."""
@@ -429,7 +435,7 @@ def precompile(jobs, max_workers: int | None = None) -> tuple[int, int]:
                                           torch.int32 if split > 1 else out_dtype,
                                           M, N, K, x_stride, gate_stride or x_stride, K, N, N, split, 1e-8,
                                           grid=(1,), **_meta(cfg, N, K, split, has_bias, gated or gate_stride > 0,
-                                                              norm, residual))
+                                                              norm, residual, pdl=pdl, prefetch=prefetch))
                 except Exception:             # serial mode: the real call reports it
                     failed += 1
     if mode is not None:
@@ -514,48 +520,53 @@ def heuristic_config(M: int, N: int, K: int, num_sms: int | None = None) -> Conf
     return Config(bm, bn, bk, split, 4, stages, True)
 
 
-def choose_config(M: int, N: int, K: int) -> Config:
-    """TUNED[(m_bucket(M), N, K)] when the benchmark filled it, else heuristic_config."""
-    cfg = TUNED.get((m_bucket(M), N, K))
-    return cfg if cfg is not None else heuristic_config(M, N, K)
+@dataclass
+class TunedTable:
+    """What benchmarks/gemm_bench.py measured on one card: per (m_bucket(M), N, K) the best config
+    and its speedup over cuBLAS (<= 1: cuBLAS is as fast). Loaded from the benchmark's JSON:
+    either the whole output (its "tuned" key is used) or the "tuned" list itself:
+        [{"m_bucket": 1, "N": 4096, "K": 4096, "config": {"BLOCK_M": 16, ...},
+          "speedup_vs_cublas": 1.08}, ...]"""
 
+    configs: dict[tuple[int, int, int], Config] = field(default_factory=dict)
+    speedups: dict[tuple[int, int, int], float] = field(default_factory=dict)
 
-def has_tuned(M: int, N: int, K: int) -> bool:
-    """Whether the benchmark measured this shape (its best config is known)."""
-    return (m_bucket(M), N, K) in TUNED
+    @classmethod
+    def load(cls, path_or_obj) -> TunedTable:
+        """From a path, or an already-parsed object, of the benchmark's JSON."""
+        obj = path_or_obj
+        if not isinstance(obj, (dict, list)):
+            with open(obj) as f:
+                obj = json.load(f)
+        table = cls()
+        for r in obj["tuned"] if isinstance(obj, dict) else obj:
+            key = (int(r["m_bucket"]), int(r["N"]), int(r["K"]))
+            table.configs[key] = Config.from_dict(r["config"])
+            if "speedup_vs_cublas" in r:
+                table.speedups[key] = float(r["speedup_vs_cublas"])
+        return table
 
+    def __len__(self) -> int:
+        return len(self.configs)
 
-def prefer_triton(M: int, N: int, K: int, margin: float = 1.0) -> bool:
-    """Whether the tuned table says skinny_linear beats cuBLAS here by more than `margin`
-    (False for shapes the benchmark has not measured)."""
-    return TUNED_SPEEDUP.get((m_bucket(M), N, K), 0.0) > margin
+    def choose_config(self, M: int, N: int, K: int) -> Config:
+        """The measured best config for this shape, else heuristic_config."""
+        cfg = self.configs.get((m_bucket(M), N, K))
+        return cfg if cfg is not None else heuristic_config(M, N, K)
+
+    def has_tuned(self, M: int, N: int, K: int) -> bool:
+        """Whether the benchmark measured this shape (its best config is known)."""
+        return (m_bucket(M), N, K) in self.configs
+
+    def prefer_triton(self, M: int, N: int, K: int, margin: float = 1.0) -> bool:
+        """Whether skinny_linear beat cuBLAS here by more than `margin` (False for shapes the
+        benchmark has not measured)."""
+        return self.speedups.get((m_bucket(M), N, K), 0.0) > margin
 
 
 def tuned_entry(m_bucket_: int, N: int, K: int, cfg: Config, speedup: float | None = None) -> dict:
-    """One row of the `tuned` list that benchmarks/gemm_bench.py writes and load_tuned reads."""
+    """One row of the `tuned` list that benchmarks/gemm_bench.py writes and TunedTable.load reads."""
     d = {"m_bucket": m_bucket_, "N": N, "K": K, "config": cfg.to_dict()}
     if speedup is not None:
         d["speedup_vs_cublas"] = round(float(speedup), 4)
     return d
-
-
-def load_tuned(path_or_obj, clear: bool = False) -> int:
-    """Fill TUNED (and TUNED_SPEEDUP) from the benchmark's JSON: a path or an already-parsed
-    object, either the whole bench output (its "tuned" key is used) or the "tuned" list itself:
-        [{"m_bucket": 1, "N": 4096, "K": 4096, "config": {"BLOCK_M": 16, ...},
-          "speedup_vs_cublas": 1.08}, ...]
-    Returns how many entries were loaded."""
-    obj = path_or_obj
-    if not isinstance(obj, (dict, list)):
-        with open(obj) as f:
-            obj = json.load(f)
-    rows = obj["tuned"] if isinstance(obj, dict) else obj
-    if clear:
-        TUNED.clear()
-        TUNED_SPEEDUP.clear()
-    for r in rows:
-        key = (int(r["m_bucket"]), int(r["N"]), int(r["K"]))
-        TUNED[key] = Config.from_dict(r["config"])
-        if "speedup_vs_cublas" in r:
-            TUNED_SPEEDUP[key] = float(r["speedup_vs_cublas"])
-    return len(rows)

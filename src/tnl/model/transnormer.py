@@ -12,6 +12,9 @@ The model runs over a packed batch of sequences (`AttnBatch`): the first `n_deco
 one token each of running sequences (recurrent step), the rest are prompt chunks of
 `len(prefill_slots)` sequences laid end to end (chunked prefill). Every sequence continues
 from its state in the pool; the pool is updated in place.
+
+Every operation of that forward runs on the model's kernel backend (`self.backend`, a
+tnl.kernels.backend.Backend; plain PyTorch unless the loader hands it one for CUDA).
 """
 from __future__ import annotations
 
@@ -23,14 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tnl.config import ModelConfig, layer_slopes
-from tnl import kernels
-
-
-def srms(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """SimpleRMSNorm: x / (||x|| / sqrt(dim) + eps); no weight. Computed in float32."""
-    xf = x.float()
-    rms = xf.norm(2, dim=-1, keepdim=True) * xf.shape[-1] ** -0.5
-    return (xf / (rms + eps)).to(x.dtype)
+from tnl.kernels.backend import Backend, BlockOps
+from tnl.kernels.torch_ops import chunk_attention, feature_map, rms_norm
 
 
 @dataclass
@@ -70,7 +67,7 @@ class AttnBatch:
 
 class Lrpe(nn.Module):
     """Linearized relative positional encoding: x -> [x cos(theta t), x sin(theta t)] per head
-    (applied by kernels.torch_ops.feature_map, or inside the CUDA decode kernel).
+    (applied by the backend's attention: torch_ops.feature_map, or inside the CUDA decode kernel).
     theta is a trained parameter [H, 1, dh]: loaded, never recomputed."""
 
     def __init__(self, n_heads: int, head_dim: int):
@@ -106,37 +103,26 @@ class NormLinearAttention(nn.Module):
     def theta(self) -> torch.Tensor | None:
         return self.lrpe.theta if self.lrpe is not None else None
 
-    def project(self, x: torch.Tensor, positions: torch.Tensor):
-        """x: [T, d] (already normed) -> q, k [T, H, dk] (feature-mapped), v [T, H, dh], u [T, hidden]."""
-        q, k, v, u = self.raw_project(x)
-        fm = kernels.torch_ops.feature_map
-        return fm(q, self.theta, positions), fm(k, self.theta, positions), v, u
-
-    def raw_project(self, x: torch.Tensor):
-        T = x.shape[0]
-        q, k, v, u = kernels.linear(x, self.qkvu_proj.weight, self.qkvu_proj.bias).chunk(4, dim=-1)
+    def split_heads(self, qkvu: torch.Tensor):
+        """qkvu [T, 4 hidden] -> raw q, k, v [T, H, dh] and the gate u [T, hidden] (views)."""
+        T = qkvu.shape[0]
+        q, k, v, u = qkvu.chunk(4, dim=-1)
         q, k, v = (t.reshape(T, self.n_heads, self.head_dim) for t in (q, k, v))
         return q, k, v, u
 
-    def forward(self, x: torch.Tensor, batch: AttnBatch, pool: torch.Tensor) -> torch.Tensor:
-        q, k, v, u = self.raw_project(x)
-        o = self.attend(q, k, v, batch, pool)
-        return kernels.linear(kernels.rms_norm(o, gate=u), self.out_proj.weight, self.out_proj.bias)
-
-    def attend(self, q, k, v, batch: AttnBatch, pool: torch.Tensor) -> torch.Tensor:
+    def attend(self, q, k, v, batch: AttnBatch, pool: torch.Tensor, backend: Backend) -> torch.Tensor:
         """Raw projections q, k, v [T, H, dh] -> attention output [T, hidden] (decode tokens by
-        the recurrent step, prompt chunks by the chunked kernel), states updated in the pool."""
+        the recurrent step, prompt chunks by the chunked kernel; each applies the feature map),
+        states updated in the pool."""
         nd = batch.n_decode
         parts = []
         if nd:
-            parts.append(kernels.decode_attention(q[:nd], k[:nd], v[:nd], self.decay, pool, batch.decode_slots,
+            parts.append(backend.decode_attention(q[:nd], k[:nd], v[:nd], self.decay, pool, batch.decode_slots,
                                                   self.theta, batch.positions[:nd]))
         if q.shape[0] > nd:
-            fm = kernels.torch_ops.feature_map
-            pos = batch.positions[nd:]
-            parts.append(kernels.prefill_attention(fm(q[nd:], self.theta, pos), fm(k[nd:], self.theta, pos),
-                                                   v[nd:], self.slope, pool, batch.prefill_slots,
-                                                   batch.cu_seqlens, batch.cu_seqlens_list))
+            parts.append(backend.prefill_attention(q[nd:], k[nd:], v[nd:], self.slope, pool, batch.prefill_slots,
+                                                   batch.cu_seqlens, batch.cu_seqlens_list, self.theta,
+                                                   batch.positions[nd:]))
         o = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         return o.reshape(q.shape[0], -1)
 
@@ -158,7 +144,9 @@ class SGLU(nn.Module):
         self.register_state_dict_post_hook(_split_packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.gated_linear(kernels.linear(x, self.l12.weight, self.l12.bias), self.l3.weight, self.l3.bias)
+        """The differentiable form (training): x [..., d] -> [..., d]."""
+        a, b = self.l12(x).chunk(2, dim=-1)
+        return self.l3(a * b)
 
 
 def packed_part(name: str) -> tuple[str, int, int] | None:
@@ -206,25 +194,19 @@ class DecoderLayer(nn.Module):
         self.token_mixer = NormLinearAttention(cfg, layer)
         self.channel_mixer = SGLU(cfg)
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor, batch: AttnBatch, pool: torch.Tensor) -> torch.Tensor:
-        """x: the residual stream [T, d], updated in place; h = srms(x). Returns srms of the new x
-        (the next layer's input), so each residual add is fused with the norm after it."""
-        h = kernels.add_rms_norm(x, self.token_mixer(h, batch, pool))
-        return kernels.add_rms_norm(x, self.channel_mixer(h))
-
-    def forward_fused(self, x: torch.Tensor, batch: AttnBatch, pool: torch.Tensor) -> None:
-        """The same block for a decode batch, x updated in place: every norm and residual add
-        rides in a matmul (kernels.fused_linear), so the layer is five kernels (four skinny
-        GEMMs and the recurrent step) instead of eight (see kernels.FUSED_MAX_M for where)."""
+    def forward(self, x: torch.Tensor, batch: AttnBatch, pool: torch.Tensor, ops: BlockOps) -> None:
+        """x: the residual stream [T, d], updated in place. Each matmul takes the norm before it
+        and the residual add after it (ops: one skinny-GEMM launch each in a fused decode step,
+        separate norm kernels otherwise)."""
         tm, mlp = self.token_mixer, self.channel_mixer
-        T = x.shape[0]
-        qkvu = kernels.fused_linear(x, tm.qkvu_proj.weight, tm.qkvu_proj.bias, norm=True)
-        q, k, v, u = qkvu.chunk(4, dim=-1)
-        q, k, v = (t.reshape(T, tm.n_heads, tm.head_dim) for t in (q, k, v))
-        o = tm.attend(q, k, v, batch, pool)
-        kernels.fused_linear(o, tm.out_proj.weight, tm.out_proj.bias, norm=True, gate=u, residual=x)
-        ab = kernels.fused_linear(x, mlp.l12.weight, mlp.l12.bias, norm=True)
-        kernels.fused_linear(ab, mlp.l3.weight, mlp.l3.bias, gated=True, residual=x)
+        # x += TokenMixer(srms(x))
+        qkvu = ops.linear(x, tm.qkvu_proj.weight, tm.qkvu_proj.bias, norm=True)      # [T, 4 hidden]
+        q, k, v, u = tm.split_heads(qkvu)
+        o = tm.attend(q, k, v, batch, pool, ops.backend)                               # [T, hidden]
+        ops.linear(o, tm.out_proj.weight, tm.out_proj.bias, norm=True, gate=u, residual=x)  # x += (u srms(o)) Wout
+        # x += SGLU(srms(x))
+        ab = ops.linear(x, mlp.l12.weight, mlp.l12.bias, norm=True)                    # [T, 2 glu] = [a | b]
+        ops.linear(ab, mlp.l3.weight, mlp.l3.bias, gated=True, residual=x)             # x += (a * b) W3
 
     def matmul_weights(self) -> list[torch.Tensor]:
         tm, mlp = self.token_mixer, self.channel_mixer
@@ -241,11 +223,13 @@ class TransnormerModel(nn.Module):
 
 class TransnormerForCausalLM(nn.Module):
     """The full model. Construct under `torch.device("meta")` and load weights with
-    `tnl.model.weights.load_model`; or construct normally for random weights (tests, training)."""
+    `tnl.model.weights.load_model` (which also hands it the kernel backend for its device); or
+    construct normally for random weights (tests, training)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, backend: Backend | None = None):
         super().__init__()
         self.config = cfg
+        self.backend = backend or Backend()    # the kernels the forward runs (default: plain PyTorch)
         self.model = TransnormerModel(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
@@ -275,46 +259,18 @@ class TransnormerForCausalLM(nn.Module):
     # ---- inference ------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, batch: AttnBatch, pools: list[torch.Tensor]) -> torch.Tensor:
         """Packed tokens [T] -> final-normed hidden states [T, d]. Updates the states in `pools`."""
-        x = self.model.embed_tokens(input_ids) * self.model.embed_scale   # a fresh tensor: updated in place
+        x = self.model.embed_tokens(input_ids) * self.model.embed_scale   # [T, d] a fresh tensor: updated in place
         layers = self.model.layers
-        if kernels.fused_decode_ok(x, layers[0].matmul_weights()):
-            for layer, pool in zip(layers, pools):
-                layer.forward_fused(x, batch, pool)
-            return kernels.rms_norm(x)
-        h = kernels.rms_norm(x)
-        for layer, pool in zip(self.model.layers, pools):
-            h = layer(x, h, batch, pool)
-        return h
+        ops = self.backend.block_ops(x, layers[0].matmul_weights())     # fused decode layers or not: once a step
+        for layer, pool in zip(layers, pools):
+            layer(x, batch, pool, ops)
+        return ops.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, d] normed hidden states -> [N, V] float32 logits."""
         # rounded to the weights' dtype, then float32, on every path: the skinny GEMM (up to 64
         # rows) and cuBLAS (more rows) then give the same logits up to summation order
-        return kernels.linear(hidden, self.head_weight).float()
-
-    def linear_shapes(self) -> list[tuple]:
-        """(N, K, dtype, has_bias, fused) of the matmuls of a decode step, as
-        kernels.precompile_linears takes them: the head (fused None); each layer matmul on the
-        unfused path (False; True for the gated l3) and in the fused decode layer (a dict of
-        skinny_linear's fusions)."""
-        w = self.head_weight
-        shapes = {}                      # repr -> entry: one entry per distinct matmul and fusion
-
-        def add(entry: tuple) -> None:
-            shapes.setdefault(repr(entry), entry)
-
-        add((*w.shape, w.dtype, False, None))
-        for layer in self.model.layers:
-            tm, mlp = layer.token_mixer, layer.channel_mixer
-            mats = [(tm.qkvu_proj, False, dict(norm=True)),
-                    (tm.out_proj, False, dict(norm=True, gate_stride=tm.qkvu_proj.weight.shape[0], residual=True)),
-                    (mlp.l3, True, dict(gated=True, residual=True)),
-                    (mlp.l12, False, dict(norm=True))]
-            for m, plain, fused in mats:
-                key = (*m.weight.shape, m.weight.dtype, m.bias is not None)
-                add((*key, plain))
-                add((*key, fused))
-        return [shapes[k] for k in sorted(shapes)]
+        return self.backend.linear(hidden, self.head_weight).float()
 
     # ---- training -------------------------------------------------------------------------
     def forward_train(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -324,16 +280,17 @@ class TransnormerForCausalLM(nn.Module):
         pos = torch.arange(n, device=input_ids.device)
         for layer in self.model.layers:
             tm = layer.token_mixer
-            q, k, v, u = tm.project(srms(x).reshape(B * n, -1), pos.repeat(B))
+            q, k, v, u = tm.split_heads(tm.qkvu_proj(rms_norm(x).reshape(B * n, -1)))
+            q, k = (feature_map(t, tm.theta, pos.repeat(B)) for t in (q, k))
             # the batch rides along as extra heads: one chunked pass for all sequences
             H = tm.n_heads
             q, k, v = (t.reshape(B, n, H, -1).transpose(0, 1).reshape(n, B * H, -1) for t in (q, k, v))
             state = torch.zeros(B * H, q.shape[-1], v.shape[-1], device=x.device)
-            o, _ = kernels.torch_ops.chunk_attention(q, k, v, tm.slope.repeat(B), state, chunk_size=64)
-            o = srms(o.to(v.dtype).reshape(n, B, H, -1).transpose(0, 1).reshape(B, n, -1))
+            o, _ = chunk_attention(q, k, v, tm.slope.repeat(B), state, chunk_size=64)
+            o = rms_norm(o.to(v.dtype).reshape(n, B, H, -1).transpose(0, 1).reshape(B, n, -1))
             x = x + tm.out_proj(u.reshape(B, n, -1) * o)
-            x = x + layer.channel_mixer(srms(x))
-        return F.linear(srms(x), self.head_weight).float()
+            x = x + layer.channel_mixer(rms_norm(x))
+        return F.linear(rms_norm(x), self.head_weight).float()
 
 
 def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

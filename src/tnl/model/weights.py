@@ -39,6 +39,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from tnl.config import ModelConfig
+from tnl.kernels.backend import Backend
+from tnl.kernels.config import KernelConfig
 from tnl.model.transnormer import Lrpe, TransnormerForCausalLM, expected_tensors, packed_part
 
 logger = logging.getLogger(__name__)
@@ -335,7 +337,7 @@ def _check_ignored_head(wf: WeightFiles, found: dict, model: TransnormerForCausa
 
 
 def load_model(path: str, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
-               progress: bool = True) -> TransnormerForCausalLM:
+               progress: bool = True, kernel_config: KernelConfig | None = None) -> TransnormerForCausalLM:
     """Load a TransNormerLLM checkpoint directory.
 
     Args:
@@ -344,8 +346,11 @@ def load_model(path: str, device: str | torch.device = "auto", dtype: str | torc
         dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "bfloat16", "float16", "float32" or a
             torch.dtype. LRPE theta stays float32 whatever this is (angles need the precision).
         progress: show a progress bar over bytes on stderr (only when stderr is a terminal).
+        kernel_config: the kernels the model runs (default KernelConfig(): fla and Triton where
+            they load on CUDA, PyTorch on the CPU); its Backend is built here for `device`.
     Returns:
-        the model in eval mode, gradients off, every parameter and buffer on `device`.
+        the model in eval mode, gradients off, every parameter and buffer on `device`, with its
+        kernel backend.
     Raises:
         ConfigError: config.json missing, unparsable, or with a missing / wrong-typed key.
         CheckpointError: weight files missing, damaged, or not matching config.json.
@@ -363,8 +368,9 @@ def load_model(path: str, device: str | torch.device = "auto", dtype: str | torc
     for name in sorted(skip - {HEAD}):
         logger.debug("ignoring checkpoint tensor %s", name)
 
+    backend = Backend(kernel_config, dev)
     with torch.device("meta"):
-        model = TransnormerForCausalLM(cfg)
+        model = TransnormerForCausalLM(cfg, backend=backend)
 
     t0 = time.perf_counter()
     read_bytes = in_place = 0
@@ -514,14 +520,16 @@ RANDOM_7B = {  # the official 7B shapes (config.json keys)
 }
 
 
-def random_model(cfg_dict: dict, device: torch.device, dtype: torch.dtype, seed: int = 0):
+def random_model(cfg_dict: dict, device: torch.device, dtype: torch.dtype, seed: int = 0,
+                 kernel_config: KernelConfig | None = None):
     """A random model built straight on the device (no files): for speed, which does not depend
     on the weights. Matrices normal(0, 0.02) in `dtype`; LRPE theta and the decay buffers keep
-    their float32 values."""
+    their float32 values. kernel_config: as for load_model."""
     cfg = ModelConfig.from_dict(cfg_dict)
     torch.manual_seed(seed)
+    backend = Backend(kernel_config, device)
     with torch.device(device):
-        m = TransnormerForCausalLM(cfg)
+        m = TransnormerForCausalLM(cfg, backend=backend)
     with torch.no_grad():
         for name, p in m.named_parameters():
             if not name.endswith("lrpe.theta"):
