@@ -210,7 +210,7 @@ def test_cuda_async_scheduling_equals_plain_steps(small_model):
     def run(async_scheduling):
         eng = LLMEngine(m, None, EngineConfig(max_num_seqs=6, max_num_batched_tokens=256,
                                               async_scheduling=async_scheduling))
-        assert eng.async_scheduling == async_scheduling and eng.runner.graphs
+        assert eng.core.async_scheduling == async_scheduling and eng.runner.graphs
         assert eng.core.counters == COUNTERS   # (the warm-up is not counted)
         reqs = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
         overlapped = 0

@@ -114,7 +114,7 @@ def bench(args, kernel_config: KernelConfig | None = None) -> dict:
     t0 = time.perf_counter()
     ec = engine_config(max_num_seqs=max_bs, max_num_batched_tokens=max(args.max_num_batched_tokens, max_bs),
                       max_waiting=1 << 20, cuda_graphs=not args.no_cuda_graphs,
-                      async_scheduling=args.async_scheduling)
+                      async_scheduling=args.async_scheduling, enable_prefix_caching=args.enable_prefix_caching)
     engine = LLMEngine(model, None, ec)
     out["engine_init_s"] = time.perf_counter() - t0
     g = torch.Generator().manual_seed(0)
@@ -178,6 +178,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context-batch", type=int, default=1)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="the prompt-state cache (default on, as tnl serve; random prompts never hit it)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="overlap host work with the next decode step (default: on for CUDA)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
