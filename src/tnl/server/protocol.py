@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
 
 from tnl.config import DEFAULT_SYSTEM_PROMPT
 from tnl.engine.sampling_params import MAX_LOGPROBS, MAX_TOKENS_CAP
@@ -22,6 +22,16 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16   # OpenAI's default for /v1/completions
 CHAT_DEFAULT_MAX_TOKENS = 4096       # OpenAI has none; a state-space model has no context end to stop at
 MAX_N = 128                          # choices per request (OpenAI's limit)
 
+# A token id in a request. Its upper bound (below the model's vocab_size) is known only once the
+# model is loaded: the app puts it into /openapi.json then, at every schema carrying this key
+# (tnl.server.app.fill_in_server).
+TOKEN_ID_KEY = "x-tnl-token-id"
+TOKEN_ID = {"type": "integer", "minimum": 0, TOKEN_ID_KEY: True}
+# A request's "model": the app puts the served model's name into /openapi.json at this key's schemas.
+MODEL_KEY = "x-tnl-model"
+NULL = {"type": "null"}
+STOP = {"type": "string", "minLength": 1}
+
 
 def _strict(default=None, **kw):
     return Field(default, strict=True, **kw)
@@ -29,6 +39,17 @@ def _strict(default=None, **kw):
 
 def _number(default=None, **kw):
     return Field(default, strict=True, allow_inf_nan=False, **kw)
+
+
+def _model(**kw):
+    return Field(None, strict=True, min_length=1, json_schema_extra={MODEL_KEY: True}, **kw)
+
+
+def exactly_one_of(*fields: str) -> dict:
+    """A model's json_schema_extra for "exactly one of these fields, not null" (null counts as
+    absent), which the model's validator enforces."""
+    return {"anyOf": [{"required": [f], "properties": {f: {"not": NULL}, **{g: NULL for g in fields if g != f}}}
+                      for f in fields]}
 
 
 class _Request(BaseModel):
@@ -42,24 +63,29 @@ class StreamOptions(_Request):
 class SamplingFields(_Request):
     """Decoding options shared by /v1/chat/completions and /v1/completions."""
 
-    model: str | None = _strict(None, description="the served model name (see GET /v1/models); "
-                                                  "omitted: the served model")
+    model: str | None = _model(description="the served model name (see GET /v1/models); omitted: the served model")
     temperature: float | None = _number(None, ge=0, description="0: greedy; default 1")
     top_p: float | None = _number(None, gt=0, le=1)
     n: int = _strict(1, ge=1, le=MAX_N)
-    stop: StrictStr | list[StrictStr] | None = Field(None, description="up to 16 strings that end generation")
+    stop: StrictStr | list[StrictStr] | None = Field(
+        None, description="up to 16 strings that end generation",
+        json_schema_extra={"anyOf": [STOP, {"type": "array", "items": STOP, "maxItems": 16}, NULL]})
     seed: int | None = _strict(None, ge=-(2 ** 63), lt=2 ** 64)
     presence_penalty: float | None = _number(None, ge=-2, le=2)
     frequency_penalty: float | None = _number(None, ge=-2, le=2)
     stream: bool = _strict(False)
     stream_options: StreamOptions | None = None
     user: str | None = None
-    logit_bias: dict[str, Any] | None = Field(None, description="not supported: refused when non-empty")
+    logit_bias: dict[str, Any] | None = Field(None, description="not supported: refused when non-empty",
+                                              json_schema_extra={"anyOf": [{"type": "object", "maxProperties": 0},
+                                                                           NULL]})
     # extras (vLLM's names)
     top_k: int | None = _strict(None, ge=-1, description="0 or -1: off")
     min_p: float | None = _number(None, ge=0, le=1)
     repetition_penalty: float | None = _number(None, gt=0, description="HF style; 1: off")
-    stop_token_ids: list[int] | None = _strict(None, description="token ids that end generation")
+    stop_token_ids: list[StrictInt] | None = _strict(None, description="token ids that end generation",
+                                                     json_schema_extra={"anyOf": [{"type": "array", "items": TOKEN_ID},
+                                                                                  NULL]})
     ignore_eos: bool = _strict(False)
     skip_special_tokens: bool = _strict(True)
 
@@ -92,7 +118,11 @@ class SamplingFields(_Request):
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: StrictStr | list[dict[str, Any]] | None = None
+    content: StrictStr | list[dict[str, Any]] | None = Field(None, json_schema_extra={"anyOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "object", "required": ["type", "text"],
+                                     "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}},
+        NULL]})
     name: str | None = None
 
     @field_validator("content")
@@ -116,13 +146,20 @@ class ChatMessage(_Request):
 
 
 class ChatCompletionRequest(SamplingFields):
+    # the schema of _top_logprobs_needs_logprobs
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"properties": {"top_logprobs": {"enum": [0, None]}}},
+        {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}]})
+
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = _strict(None, ge=1, le=MAX_TOKENS_CAP)
     max_completion_tokens: int | None = _strict(None, ge=1, le=MAX_TOKENS_CAP)
     logprobs: bool = _strict(False)
     top_logprobs: int | None = _strict(None, ge=0, le=MAX_LOGPROBS)
-    response_format: dict[str, Any] | None = None
-    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = Field(None, json_schema_extra={"anyOf": [
+        {"type": "object", "properties": {"type": {"const": "text"}}}, NULL]})
+    tools: list[Any] | None = Field(None, description="not supported: refused when non-empty",
+                                    json_schema_extra={"anyOf": [{"type": "array", "maxItems": 0}, NULL]})
     add_generation_prompt: bool = _strict(True)
 
     @field_validator("response_format")
@@ -147,18 +184,27 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
+    # the schema of _best_of: best_of absent, or 1 with n 1 (best_of == n > 1 is accepted too; JSON
+    # Schema cannot compare two fields)
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"properties": {"best_of": NULL}},
+        {"properties": {"best_of": {"const": 1}, "n": {"const": 1}}}]})
+
     prompt: Any = Field(..., description="a string, a list of strings, a list of token ids, "
-                                         "or a list of token-id lists",
+                                         "or a list of token-id lists; none of them empty",
                         json_schema_extra={"anyOf": [
-                            {"type": "string"}, {"type": "array", "items": {"type": "string"}},
-                            {"type": "array", "items": {"type": "integer"}},
-                            {"type": "array", "items": {"type": "array", "items": {"type": "integer"}}}]})
+                            {"type": "string", "minLength": 1},
+                            {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+                            {"type": "array", "items": TOKEN_ID, "minItems": 1},
+                            {"type": "array", "items": {"type": "array", "items": TOKEN_ID, "minItems": 1},
+                             "minItems": 1}]})
     max_tokens: int = _strict(COMPLETION_DEFAULT_MAX_TOKENS, ge=0, le=MAX_TOKENS_CAP,
                               description="0 with echo and logprobs: score the prompt only")
     echo: bool = _strict(False)
     logprobs: int | None = _strict(None, ge=0, le=MAX_LOGPROBS)
-    suffix: str | None = None
-    best_of: int | None = _strict(None, ge=1)
+    suffix: str | None = Field(None, description="not supported: refused when non-empty",
+                               json_schema_extra={"anyOf": [{"type": "string", "maxLength": 0}, NULL]})
+    best_of: int | None = _strict(None, ge=1, description="only equal to n")
 
     @field_validator("prompt")
     @classmethod
@@ -200,7 +246,12 @@ class SeedRequest(_Request):
 
     prompt: str = _strict(..., min_length=1)
     history: list[Any] | None = Field(
-        None, description="earlier turns: [[user, assistant], ...] or [{'role', 'content'}, ...]")
+        None, description="earlier turns: [[user, assistant], ...] or [{'role', 'content'}, ...]",
+        json_schema_extra={"anyOf": [{"type": "array", "items": {"anyOf": [
+            {"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 2},
+            {"type": "object", "required": ["role", "content"],
+             "properties": {"role": {"enum": ["system", "user", "assistant"]}, "content": {"type": "string"}}}]}},
+            NULL]})
     max_new_tokens: int = _strict(SEED_MAX_NEW_TOKENS, ge=1, le=MAX_TOKENS_CAP)
     temperature: float = _number(0.0, ge=0, description="default 0: greedy, like the tutorial's model.generate")
     top_p: float = _number(1.0, gt=0, le=1)
@@ -236,7 +287,9 @@ class SeedRequest(_Request):
 
 
 class TokenizeRequest(_Request):
-    model: str | None = _strict(None)
+    model_config = ConfigDict(json_schema_extra=exactly_one_of("prompt", "messages"))   # _one_input's schema
+
+    model: str | None = _model()
     prompt: str | None = _strict(None)
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_special_tokens: bool = _strict(True)
@@ -250,8 +303,8 @@ class TokenizeRequest(_Request):
 
 
 class DetokenizeRequest(_Request):
-    model: str | None = _strict(None)
-    tokens: list[int] = _strict(...)
+    model: str | None = _model()
+    tokens: list[StrictInt] = _strict(..., json_schema_extra={"items": TOKEN_ID})
 
 
 # ---- responses --------------------------------------------------------------------------------
@@ -385,3 +438,55 @@ class TokenizerInfoResponse(BaseModel):
                                                  "and string prompts)")
     add_eos_token: bool
     chat_template: str | None = Field(None, description="the Jinja template /v1/chat/completions renders")
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "loading", "shutting_down", "error"]
+    model: str | None = Field(None, description="the served model name (with 'ok')")
+    message: str | None = Field(None, description="what went wrong (with 'error')")
+
+
+# ---- errors -----------------------------------------------------------------------------------
+
+class ErrorDetail(BaseModel):
+    message: str = Field(..., description="what was wrong, and what was expected")
+    type: str = Field(..., description="invalid_request_error, authentication_error, not_found_error, "
+                                       "rate_limit_error, service_unavailable or internal_error")
+    param: str | None = Field(None, description="the request field at fault, e.g. 'messages[0].content'")
+    code: int = Field(..., description="the HTTP status")
+
+
+class ErrorResponse(BaseModel):
+    """Every error response, in OpenAI's shape (tnl.server.errors.error_body)."""
+
+    error: ErrorDetail
+
+
+# Why each error status is sent, as /openapi.json documents it (every one with an ErrorResponse).
+ERROR_STATUSES = {
+    400: "invalid request: a field (error.param names it), a body that is not JSON, or a Host this server "
+         "does not answer to",
+    401: "missing or wrong API key (send 'Authorization: Bearer <key>')",
+    403: "a cross-site POST whose body is not JSON",
+    404: "no such model (see GET /v1/models)",
+    408: "the request body did not arrive in time",
+    413: "the request body is too large",
+    429: "the server is busy (every slot taken and the waiting queue full); retry after Retry-After seconds",
+    503: "the model is loading, failed to load, or the server is shutting down",
+}
+RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
+
+
+def error_responses(*statuses: int) -> dict[int, dict]:
+    """FastAPI `responses=` for these error statuses."""
+    return {status: {"model": ErrorResponse, "description": ERROR_STATUSES[status],
+                     **({"headers": RETRY_AFTER} if status in (429, 503) else {})} for status in statuses}
+
+
+def sse_content(chunk: type[BaseModel]) -> dict:
+    """The other body of a 200 from /v1/chat/completions and /v1/completions: with stream: true,
+    Server-Sent Events (in OpenAPI 3.1 the schema is one event's)."""
+    data = (f"a {chunk.__name__} as JSON (an ErrorResponse if the stream fails after it began); the last "
+            f"event's data is [DONE]")
+    return {"text/event-stream": {"schema": {"type": "object", "required": ["data"], "properties": {
+        "data": {"type": "string", "description": data}, "event": {"type": "string"}}}}}

@@ -21,7 +21,7 @@ from tnl.server.protocol import (CHAT_DEFAULT_MAX_TOKENS, AssistantMessage, Chat
                                  ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                                  ChatLogprobs, ChatTokenLogprob, CompletionChoice, CompletionLogprobs,
                                  CompletionRequest, CompletionResponse, DeltaMessage, ModelCard, ModelList,
-                                 SamplingFields, TopLogprob, UsageInfo)
+                                 SamplingFields, TopLogprob, UsageInfo, error_responses, sse_content)
 from tnl.server.serving import EventStream, Generation, ServerState, get_state, sampling_params
 
 log = logging.getLogger(__name__)
@@ -110,9 +110,10 @@ def _chat_logprobs(state: ServerState, token_ids: list[int], lps: list[dict[int,
 
 
 @router.post("/v1/chat/completions", response_model=None,
-             responses={200: {"model": ChatCompletionResponse,
+             responses={200: {"model": ChatCompletionResponse, "content": sse_content(ChatCompletionChunk),
                               "description": "a chat.completion, or with stream: an SSE stream of "
-                                             "chat.completion.chunk objects"}})
+                                             "chat.completion.chunk objects"},
+                        **error_responses(404, 429, 503)})
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = get_state(request)
     state.require_engine()
@@ -286,8 +287,9 @@ def _merge(a: CompletionLogprobs | None, b: CompletionLogprobs | None) -> Comple
 
 
 @router.post("/v1/completions", response_model=None,
-             responses={200: {"model": CompletionResponse,
-                              "description": "a text_completion, or with stream: an SSE stream of them"}})
+             responses={200: {"model": CompletionResponse, "content": sse_content(CompletionResponse),
+                              "description": "a text_completion, or with stream: an SSE stream of them"},
+                        **error_responses(404, 429, 503)})
 async def completions(body: CompletionRequest, request: Request):
     state = get_state(request)
     state.require_engine()

@@ -6,14 +6,16 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from tnl.server.errors import APIError
-from tnl.server.protocol import (DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse,
-                                 TokenizerInfoResponse)
+from tnl.server.protocol import (DetokenizeRequest, DetokenizeResponse, HealthResponse, TokenizeRequest,
+                                 TokenizeResponse, TokenizerInfoResponse, error_responses)
 from tnl.server.serving import get_state
 
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/health", responses={503: {"description": "loading, failed to load, or shutting down"}})
+@router.get("/health", responses={200: {"model": HealthResponse},
+                                  503: {"model": HealthResponse,
+                                        "description": "loading, failed to load, or shutting down"}})
 async def health(request: Request):
     """200 once the model is loaded and the engine runs; 503 before (and after a load failure)."""
     state = get_state(request)
@@ -29,13 +31,14 @@ async def health(request: Request):
     return {"status": "ok", "model": state.model_name}
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, responses={200: {
+    "description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def metrics(request: Request):
     """Prometheus text format."""
     return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.post("/tokenize", response_model=TokenizeResponse)
+@router.post("/tokenize", response_model=TokenizeResponse, responses=error_responses(404, 503))
 async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     """{"prompt": str} or {"messages": [...]} (through the chat template) -> token ids."""
     state = get_state(request)
@@ -48,7 +51,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     return TokenizeResponse(tokens=ids, count=len(ids))
 
 
-@router.post("/detokenize", response_model=DetokenizeResponse)
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=error_responses(404, 503))
 async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     state = get_state(request)
     state.check_model(body.model)
@@ -60,7 +63,7 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
     return DetokenizeResponse(prompt=tok.decode(body.tokens))
 
 
-@router.get("/tokenizer_info", response_model=TokenizerInfoResponse)
+@router.get("/tokenizer_info", response_model=TokenizerInfoResponse, responses=error_responses(503))
 async def tokenizer_info(request: Request) -> TokenizerInfoResponse:
     """The tokenizer's special tokens, BOS / EOS policy and chat template (vLLM's endpoint; what
     lm-evaluation-harness's `tokenizer_backend=remote` reads)."""

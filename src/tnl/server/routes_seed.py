@@ -17,7 +17,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import ValidationError
 
 from tnl.server.errors import APIError, validation_message
-from tnl.server.protocol import SeedRequest, SeedResponse
+from tnl.server.protocol import SeedRequest, SeedResponse, error_responses
 from tnl.server.serving import Generation, get_state, sampling_params
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ the OpenAI API under <a href="/v1/models">/v1</a>, and its documentation at <a h
 """
 
 
-@router.get("/", include_in_schema=False)
+@router.get("/", response_class=HTMLResponse, summary="The web chat page")
 async def chat_page():
     if os.path.isfile(INDEX_HTML):
         return FileResponse(INDEX_HTML, media_type="text/html; charset=utf-8")
@@ -45,6 +45,7 @@ async def chat_page():
 
 
 @router.post("/", response_model=SeedResponse, summary="Chat, the seed tutorial's way",
+             responses=error_responses(429, 503),
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/json": {"schema": SeedRequest.model_json_schema()}}}})
 async def seed_generate(request: Request):
