@@ -3,21 +3,29 @@
 Middleware order, outermost first:
     AccessLogMiddleware  request id, one access-log line, tnl_requests_total, and the last-resort
                          500 (logged traceback, generic message, the server stays up)
+    SecurityHeadersMiddleware  CSP, nosniff, no framing, no referrer, on every response
+    SiteGuardMiddleware  Host check (DNS rebinding) and cross-site non-JSON posts (403)
+    BodyTimeoutMiddleware  408 when a body does not arrive within --body-timeout-s
     CORSMiddleware       only with --cors-origins (so even a 401 carries CORS headers)
     APIKeyMiddleware     only with --api-key; runs before the body is read
 """
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
+import hashlib
 import hmac
+import ipaddress
 import logging
 import os
+import re
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -27,6 +35,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import tnl
@@ -74,6 +83,223 @@ class APIKeyMiddleware:
                    else "invalid API key")
         response = error_response(message, 401, None, {"WWW-Authenticate": "Bearer"})
         await response(scope, receive, send)
+
+
+def host_name(value: str) -> str:
+    """A Host header's (or --allowed-hosts entry's) name: 'Example.COM:80' -> 'example.com',
+    '[::1]:6006' -> '::1', 'localhost.' -> 'localhost'."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        value = value[1:].partition("]")[0]
+    elif value.count(":") == 1:
+        value = value.partition(":")[0]
+    return value.rstrip(".")
+
+
+def is_loopback(name: str) -> bool:
+    """localhost, *.localhost (browsers resolve them to loopback themselves, RFC 6761) or a
+    loopback address."""
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def rebindable(name: str) -> bool:
+    """Whether a web page could be served under `name` and then have it resolve to this machine
+    (DNS rebinding): any name with a dot that is not a loopback one. A name without a dot (a
+    host's own name, 'x') is never in public DNS, so no page on the web can use it; an address is
+    never looked up."""
+    if is_loopback(name):
+        return False
+    try:
+        ipaddress.ip_address(name)
+        return False   # an address the client connected to by number: nothing was resolved
+    except ValueError:
+        return "." in name
+
+
+JSON_TYPE = re.compile(r"^application/([\w.+-]+\+)?json$")
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+class SiteGuardMiddleware:
+    """What stops other web sites from using a tnl that a browser can reach.
+
+    DNS rebinding: a page on evil.example whose name then resolves to 127.0.0.1 is same-origin
+    with this server as far as the browser knows, but its requests say `Host: evil.example`. On a
+    loopback --host only loopback names are served (plus --allowed-hosts); on another --host any
+    name, unless --allowed-hosts lists them.
+
+    Cross-site posts: a page may POST a text/plain, form or untyped body to any origin without
+    the browser asking first (no CORS preflight), and POST / reads JSON whatever the type. Such a
+    request from another origin (not this server's own, not in --cors-origins) gets a 403; JSON
+    ones are preflighted, and CORS refuses them.
+    """
+
+    def __init__(self, app: ASGIApp, bind_host: str, allowed_hosts: tuple[str, ...], cors_origins: tuple[str, ...]):
+        self.app = app
+        self.any_host = "*" in allowed_hosts
+        self.allowed = frozenset(host_name(h) for h in allowed_hosts)
+        self.loopback_only = is_loopback(host_name(bind_host))
+        self.check_hosts = not self.any_host and (self.loopback_only or bool(self.allowed))
+        self.any_origin = "*" in cors_origins
+        self.origins = frozenset(o.rstrip("/").lower() for o in cors_origins)
+
+    def host_refusal(self, host: str) -> str | None:
+        name = host_name(host)
+        if not self.check_hosts or not host or name in self.allowed or is_loopback(name):
+            return None
+        if self.loopback_only and not self.allowed and not rebindable(name):
+            return None
+        where = ("this server listens on loopback, so it answers only to loopback names (localhost, 127.0.0.1, "
+                 "[::1])"
+                 if self.loopback_only else "this server answers only to the names in --allowed-hosts")
+        return (f"the Host '{name}' is not served: {where} (a page under another name could be a DNS-rebinding "
+                f"attack); to serve it, start tnl with --allowed-hosts {name} (or '*' for any)")
+
+    def origin_refusal(self, scope: Scope, headers: Headers) -> str | None:
+        origin = headers.get("origin")
+        if origin is None or scope["method"] not in UNSAFE_METHODS or self.any_origin:
+            return None
+        content_type = headers.get("content-type", "")
+        if JSON_TYPE.match(content_type.partition(";")[0].strip().lower()):
+            return None
+        origin = origin.strip().rstrip("/").lower()
+        if origin in self.origins or self.own_origin(origin, headers.get("host", "").lower(), scope):
+            return None
+        return (f"refused a cross-origin {scope['method']} from {origin} with Content-Type "
+                f"'{content_type or 'none'}': a page on another site can send that without asking this server. "
+                f"Send the body as 'Content-Type: application/json', or allow the origin with "
+                f"--cors-origins {origin}")
+
+    @staticmethod
+    def own_origin(origin: str, host: str, scope: Scope) -> bool:
+        """A page of this server: its origin names the Host asked for, or a loopback name with this
+        server's port (the chat page at localhost:6006 posting to 127.0.0.1:6006)."""
+        if origin == "null":
+            return False
+        try:
+            url = urlsplit(origin)
+            port = url.port or {"http": 80, "https": 443}.get(url.scheme)
+        except ValueError:
+            return False
+        server = scope.get("server")
+        return url.netloc == host or (is_loopback(host_name(url.hostname or "")) and server is not None
+                                      and port == server[1])
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        refusal = self.host_refusal(headers.get("host", ""))
+        if refusal is not None:
+            return await error_response(refusal, 400)(scope, receive, send)
+        refusal = self.origin_refusal(scope, headers)
+        if refusal is not None:
+            return await error_response(refusal, 403)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+# Pages run only scripts and styles from this server and talk only to it; nothing may frame them.
+# The chat page (index.html, app.js, style.css) has no inline script or style. Swagger UI (/docs)
+# starts from one inline script, allowed by its hash (it names the schema's URL, which depends on
+# the root path, so it is hashed as served). Every other response is JSON, text or a file.
+CSP = ("default-src 'self'; script-src 'self'{hashes}; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+PAGE_CSP = CSP.format(hashes="")
+DOCS_PAGES = {"/docs", "/docs/oauth2-redirect"}
+INLINE_SCRIPT = re.compile(rb"<script(?![^>]*\bsrc=)[^>]*>(.*?)</script>", re.S | re.I)
+SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+                    (b"referrer-policy", b"no-referrer")]
+
+
+def docs_csp(html: bytes) -> str:
+    """PAGE_CSP plus the hash of each inline script in `html`."""
+    return CSP.format(hashes="".join(f" 'sha256-{base64.b64encode(hashlib.sha256(s).digest()).decode()}'"
+                                     for s in INLINE_SCRIPT.findall(html)))
+
+
+class SecurityHeadersMiddleware:
+    """Content-Security-Policy, nosniff, no framing (clickjacking) and no Referer on every
+    response; /docs's CSP allows its own inline script by hash, so its body is read first."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        held: list[Message] = []
+        docs = scope["path"] in DOCS_PAGES
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
+                if not docs:
+                    message["headers"].append((b"content-security-policy", PAGE_CSP.encode()))
+                    return await send(message)
+            if not docs:
+                return await send(message)
+            held.append(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                html = b"".join(m.get("body", b"") for m in held[1:])
+                held[0]["headers"].append((b"content-security-policy", docs_csp(html).encode()))
+                for m in held:
+                    await send(m)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+class BodyTimeoutMiddleware:
+    """A 408 when a request's body has not arrived in full `timeout_s` seconds after its headers
+    (a client trickling its body would hold the request open for ever). The header deadline is
+    launch's, in the HTTP protocol."""
+
+    def __init__(self, app: ASGIApp, timeout_s: float):
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.timeout_s <= 0:
+            return await self.app(scope, receive, send)
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        body_done = timed_out = started = False
+
+        async def timed_receive() -> Message:
+            nonlocal body_done, timed_out
+            if body_done:
+                return await receive()
+            if timed_out:
+                return {"type": "http.disconnect"}
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except asyncio.TimeoutError:
+                timed_out = True
+                log.debug("request %s: body not complete after %g s", scope["state"].get("request_id"),
+                          self.timeout_s)
+                if not started:
+                    await error_response(f"the request body did not arrive within {self.timeout_s:g} s of its "
+                                         f"headers (--body-timeout-s)", 408, None,
+                                         {"Connection": "close"})(scope, receive, send)
+                return {"type": "http.disconnect"}   # what the app sees: the client is gone
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if timed_out:
+                return   # the 408 went out; the app's answer to the "disconnect" is dropped
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, timed_receive, guarded_send)
+        except ClientDisconnect:
+            if not timed_out:
+                raise
 
 
 def route_label(scope: Scope, known_paths: frozenset[str]) -> str:
@@ -337,6 +563,10 @@ def build_app(engine, server_config: ServerConfig, *, load_engine: Callable[[], 
     if server_config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(server_config.cors_origins),
                            allow_methods=["*"], allow_headers=["*"], expose_headers=["x-request-id"])
+    app.add_middleware(BodyTimeoutMiddleware, timeout_s=server_config.body_timeout_s)
+    app.add_middleware(SiteGuardMiddleware, bind_host=server_config.host, allowed_hosts=server_config.allowed_hosts,
+                       cors_origins=server_config.cors_origins)
+    app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(AccessLogMiddleware, metrics=metrics, log_prompts=server_config.log_prompts,
                        known_paths=known_paths)
     return app

@@ -25,9 +25,20 @@ class ServerConfig:
     served_model_name: the name clients put in "model"; default: the basename of a local
         model path, or the hub id as given.
     chat_template: a Jinja file that replaces the checkpoint's chat template.
-    cors_origins: origins allowed by CORS ("*" for any); empty: no CORS headers.
+    cors_origins: origins allowed by CORS ("*" for any); empty: no CORS headers. Pages on these
+        origins may also POST non-JSON bodies to POST / (other origins get a 403).
+    allowed_hosts: Host names served besides the loopback ones ("*": any). Empty: on a loopback
+        `host` only loopback names (localhost, 127.0.0.1, [::1]) and names without a dot (in no
+        public DNS) are served, which stops DNS rebinding; on any other `host` every name is served.
     log_prompts: put prompt and response text in the access log (off: counts only).
-    graceful_shutdown_s: on SIGTERM / Ctrl-C, how long in-flight requests may run on.
+    graceful_shutdown_s: on SIGTERM / Ctrl-C, how long running requests may run on (requests still
+        waiting for a slot get a 503 at once); then streams end with finish_reason "abort" and the
+        others get a 503.
+    header_timeout_s: a connection must send a request's headers within this many seconds of opening
+        (or of its previous response); then it is closed (408 if it had begun a request).
+    body_timeout_s: a request's body must arrive in full within this many seconds of its headers (408).
+    keep_alive_s: an idle kept-alive connection is closed after this many seconds.
+    max_connections: open connections at most; a connection past it gets a 503 and is closed.
     """
 
     model: str | None = None
@@ -48,8 +59,13 @@ class ServerConfig:
     served_model_name: str | None = None
     chat_template: str | None = None
     cors_origins: tuple[str, ...] = field(default_factory=tuple)
+    allowed_hosts: tuple[str, ...] = field(default_factory=tuple)
     log_prompts: bool = False
     graceful_shutdown_s: float = 10.0
+    header_timeout_s: float = 10.0   # nginx's client_header_timeout is 60 s; a real client sends its headers at once
+    body_timeout_s: float = 30.0     # prompts are kilobytes: even a slow link sends them in a second
+    keep_alive_s: float = 5.0        # uvicorn's default
+    max_connections: int = 1000      # well under the usual 1024 open-file limit (raised at start when it can be)
     log_level: str = "info"
 
     @property
@@ -76,9 +92,10 @@ class ServerConfig:
         """Build from the namespace of a parser that went through `add_server_args`; attributes
         the namespace lacks keep their defaults."""
         vals = {f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)}
-        origins = vals.pop("cors_origins", None)
-        if origins is not None:
-            vals["cors_origins"] = tuple(o.strip() for item in origins for o in item.split(",") if o.strip())
+        for name in ("cors_origins", "allowed_hosts"):   # repeatable, comma-separated
+            items = vals.pop(name, None)
+            if items is not None:
+                vals[name] = tuple(o.strip() for item in items for o in item.split(",") if o.strip())
         return cls(**vals)
 
 
@@ -110,11 +127,26 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="Jinja chat template file replacing the checkpoint's")
     parser.add_argument("--cors-origins", action="append", default=None, metavar="ORIGINS",
                         help="comma-separated origins allowed by CORS, '*' for any (repeatable)")
+    parser.add_argument("--allowed-hosts", action="append", default=None, metavar="HOSTS",
+                        help="comma-separated Host names to serve besides localhost, 127.0.0.1 and [::1] "
+                             "(repeatable; '*' for any). Default: on a loopback --host only those and names "
+                             "without a dot, which stops DNS rebinding; on another --host any")
     parser.add_argument("--log-prompts", action="store_true",
                         help="log prompt and response text in the access log")
     parser.add_argument("--graceful-shutdown-s", type=seconds, default=d.graceful_shutdown_s,
-                        help=f"on SIGTERM / Ctrl-C, seconds in-flight requests may take to finish "
-                             f"(default {d.graceful_shutdown_s:g})")
+                        help=f"on SIGTERM / Ctrl-C, seconds running requests may take to finish; queued ones "
+                             f"get a 503 at once, and streams still running then end with finish_reason "
+                             f"'abort' (default {d.graceful_shutdown_s:g})")
+    parser.add_argument("--header-timeout-s", type=seconds, default=d.header_timeout_s,
+                        help=f"seconds a connection may take to send a request's headers, from when it opens "
+                             f"or its last response ended; 0: no limit (default {d.header_timeout_s:g})")
+    parser.add_argument("--body-timeout-s", type=seconds, default=d.body_timeout_s,
+                        help=f"seconds a request's body may take to arrive after its headers; 0: no limit "
+                             f"(default {d.body_timeout_s:g})")
+    parser.add_argument("--keep-alive-s", type=seconds, default=d.keep_alive_s,
+                        help=f"seconds an idle kept-alive connection stays open (default {d.keep_alive_s:g})")
+    parser.add_argument("--max-connections", type=positive_int, default=d.max_connections,
+                        help=f"open connections at most; more get a 503 (default {d.max_connections})")
     parser.add_argument("--log-level", default=d.log_level,
                         choices=["debug", "info", "warning", "error"], help="log level (default info)")
     return parser

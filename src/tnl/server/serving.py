@@ -47,6 +47,27 @@ class ServerState:
     load_error: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     shutting_down: bool = False
+    generations: set["Generation"] = field(default_factory=set)   # started and not yet closed
+
+    def begin_shutdown(self, grace_s: float) -> None:
+        """SIGTERM / Ctrl-C (from the event loop): new requests and those still waiting for a slot
+        get a 503 now; those running may go on for `grace_s` seconds, then streams end as aborted
+        and the others get a 503, so that every client gets a whole answer before the server stops."""
+        self.shutting_down = True
+        queued = [gen for gen in self.generations if not gen.started]
+        for gen in queued:
+            gen.refuse_for_shutdown()
+        running = len(self.generations) - len(queued)
+        log.info("shutting down: %d waiting requests refused (503), %d running may take up to %g s",
+                 len(queued), running, grace_s)
+        asyncio.get_running_loop().call_later(grace_s, self._end_running, grace_s)
+
+    def _end_running(self, grace_s: float) -> None:
+        gens = [gen for gen in self.generations if gen.started]
+        if gens:
+            log.info("the %g s shutdown grace period is over: ending %d running requests", grace_s, len(gens))
+        for gen in gens:
+            gen.end_for_shutdown(grace_s)
 
     @property
     def model_name(self) -> str:
@@ -59,6 +80,8 @@ class ServerState:
     def require_engine(self):
         if self.load_error is not None:
             raise APIError(f"the model failed to load: {self.load_error}", 503)
+        if self.shutting_down:
+            raise APIError(SHUTTING_DOWN, 503, headers={"Connection": "close"})
         if not self.ready:
             raise APIError("the model is still loading; retry when GET /health answers 200", 503,
                            headers={"Retry-After": "5"})
@@ -124,6 +147,10 @@ def sampling_params(param_fields: dict) -> SamplingParams:
 
 
 _DISCONNECTED = object()
+_REFUSED_AT_SHUTDOWN = object()    # the server began to shut down before this request started
+_ENDED_AT_SHUTDOWN = object()      # the shutdown grace period ran out while it ran
+
+SHUTTING_DOWN = "the server is shutting down and takes no new requests; send this one to another server"
 
 
 class Generation:
@@ -157,6 +184,7 @@ class Generation:
         self._last_time = [0.0] * len(self.jobs)
         self._started = False
         self._closed = False
+        self.streaming = False   # answered by an EventStream (set by it)
         self._scope_state = request.scope.setdefault("state", {})
         self._scope_state["tokens_in"] = self.num_prompt_tokens
         self._scope_state["tokens_out"] = 0
@@ -167,6 +195,28 @@ class Generation:
 
     def engine_id(self, k: int) -> str:
         return f"{self.request_id}-{k}"
+
+    @property
+    def started(self) -> bool:
+        """Every choice has produced output: the answer may be under way."""
+        return self._started
+
+    def refuse_for_shutdown(self) -> None:
+        """The server is shutting down before this request started: `start()` raises a 503."""
+        self._queue.put_nowait((None, _REFUSED_AT_SHUTDOWN))
+
+    def end_for_shutdown(self, grace_s: float) -> None:
+        """The shutdown grace period is over. A stream's unfinished choices are aborted: the
+        engine ends each with a last delta (finish_reason "abort"), so the stream ends whole, with
+        [DONE]. Any other request gets a 503 (its 200 has not been sent)."""
+        if not self.streaming:
+            self._grace_s = grace_s
+            self._queue.put_nowait((None, _ENDED_AT_SHUTDOWN))
+            return
+        for k, done in enumerate(self.finished):
+            if not done:
+                self.engine.abort(self.engine_id(k))
+        self._scope_state["aborted"] = True
 
     def _submit(self, k: int, ids: list[int], params: SamplingParams) -> None:
         """The engine hands choice k's outputs straight to this generation's queue (no task
@@ -188,6 +238,7 @@ class Generation:
                 return
 
     async def start(self, watch_disconnect: bool = True) -> None:
+        self.state.generations.add(self)   # (close() takes it out)
         for k, (ids, p) in enumerate(self.jobs):
             self._submit(k, ids, p)
         if watch_disconnect:
@@ -213,6 +264,13 @@ class Generation:
     def _check(self, item, k: int | None = None) -> None:
         if item is _DISCONNECTED:
             raise ClientDisconnected()
+        if item is _REFUSED_AT_SHUTDOWN:
+            raise APIError(f"{SHUTTING_DOWN} (it was still waiting for a slot and never started)", 503,
+                           headers={"Connection": "close"})
+        if item is _ENDED_AT_SHUTDOWN:
+            raise APIError(f"the server shut down before this request finished: it ran for the whole "
+                           f"{self._grace_s:g} s grace period (--graceful-shutdown-s); send it again to "
+                           f"another server", 503, headers={"Connection": "close"})
         if isinstance(item, QueueFullError):
             raise APIError(f"the server is busy: {item}", 429, headers={"Retry-After": str(RETRY_AFTER_S)})
         if isinstance(item, InvalidRequest):
@@ -286,6 +344,7 @@ class Generation:
         if self._closed:
             return
         self._closed = True
+        self.state.generations.discard(self)
         for k, done in enumerate(self.finished):
             if not done:
                 self.engine.abort(self.engine_id(k))
@@ -310,6 +369,7 @@ class EventStream(StreamingResponse):
     def __init__(self, content, generation: Generation):
         super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.generation = generation
+        generation.streaming = True   # a shutdown ends it with an "abort" chunk and [DONE], not a 503
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
