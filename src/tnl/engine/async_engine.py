@@ -5,6 +5,14 @@ Threads: the caller's event loop submits (validation and the queue check happen 
 refusal is an exception at once), then puts the request in the inbox; the engine thread
 drains the inbox, steps, and hands each step's outputs to the requests' sinks through one
 `call_soon_threadsafe` per event loop (the outbox).
+
+The waiting queue is counted here, on the caller's side, under one lock: a request counts
+from its submit until the scheduler gives it a slot (`Scheduler.on_admit`), or until it is
+aborted, which takes effect at once, not when the engine thread next reads its inbox (that
+is only between steps, and a long prefill step made aborted requests fill the queue). The
+rules, in `submit_group`: --max-waiting requests wait at most; the requests of one group
+(one HTTP request's n × prompts) are queued all together or not at all; and a full queue is
+shared fairly between clients.
 """
 from __future__ import annotations
 
@@ -14,6 +22,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from tnl.config import EngineConfig, ModelConfig
@@ -22,6 +31,19 @@ from tnl.engine.request import Request, RequestOutput
 from tnl.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
+
+
+Sink = Callable[[RequestOutput | BaseException], None]
+
+
+@dataclass
+class Job:
+    """One request of a group handed to `AsyncEngine.submit_group`."""
+
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    request_id: str
+    sink: Sink   # gets each output delta, the last one finished, or the exception that ended it
 
 
 class EngineClient(Protocol):
@@ -33,8 +55,12 @@ class EngineClient(Protocol):
     ready: bool
     error: BaseException | None
 
-    def submit(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
-               sink: Callable[[RequestOutput | BaseException], None]) -> None: ...
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None: ...
+
+    def submit(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, sink: Sink,
+               client: str = "") -> None: ...
+
+    def submit_group(self, jobs: list[Job], client: str = "", validate: bool = True) -> None: ...
 
     def abort(self, request_id: str) -> None: ...
 
@@ -48,6 +74,21 @@ def _put_all(items: list) -> None:
         sink(item)
 
 
+def _ignore(item) -> None:
+    """The sink of an evicted request until the engine has ended it (its id stays in use)."""
+
+
+class _Group:
+    """The requests of one submit_group call, and how many of them still wait for a slot."""
+
+    __slots__ = ("client", "request_ids", "num_queued")
+
+    def __init__(self, client: str, request_ids: list[str]):
+        self.client = client
+        self.request_ids = request_ids
+        self.num_queued = len(request_ids)
+
+
 class AsyncEngine:
     """An LLMEngine driven by a background thread; each request gets an async output stream."""
 
@@ -59,9 +100,14 @@ class AsyncEngine:
         self.engine_config = engine.engine_config
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, Callable]] = {}
-        self._pending = 0
+        self._streams: dict[str, list] = {}   # request id -> [its event loop, its sink]
+        # The waiting queue as submit counts it (under _lock): each request from its submit
+        # until it gets a slot or is aborted, by group, and per client.
         self._lock = threading.Lock()
+        self._queued: dict[str, _Group] = {}       # request id -> its group
+        self._held: dict[str, int] = {}            # client -> its requests in _queued
+        self._groups: dict[str, list[_Group]] = {}   # client -> its groups with queued requests, oldest first
+        engine.scheduler.on_admit = self._on_admit
         self._stop = False
         self._stats = engine.stats()
         self._outbox: dict[asyncio.AbstractEventLoop, list] = {}
@@ -72,28 +118,63 @@ class AsyncEngine:
         self.ready = True
 
     # ---- public API -------------------------------------------------------------------------
-    def submit(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
-               sink: Callable[[RequestOutput | BaseException], None]) -> None:
-        """Queue a request; `sink(item)` is then called on the calling thread's event loop with
-        each output delta, the last one `finished`, or with the exception that ended the
-        request. Errors found at once (bad prompt, id in use, queue full, dead engine) raise
-        here instead. No task per request: the HTTP server's streams read their outputs
-        straight from the sink."""
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequest (naming the field) for a request the engine cannot run."""
         self.engine.validate(prompt_token_ids, params)
-        if request_id in self._streams:
-            raise InvalidRequest(None, f"request id {request_id!r} is already in use")
+
+    def submit(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, sink: Sink,
+               client: str = "") -> None:
+        """Queue one request: `submit_group` of one job."""
+        self.submit_group([Job(prompt_token_ids, params, request_id, sink)], client)
+
+    def submit_group(self, jobs: list[Job], client: str = "", validate: bool = True) -> None:
+        """Queue the requests of one caller's request (an HTTP request's n × prompts) all
+        together, or none of them. Each job's `sink(item)` is then called on the calling
+        thread's event loop with each output delta, the last one `finished`, or with the
+        exception that ended the request. Errors found at once raise here instead, and then
+        nothing was queued: a bad prompt (unless validate=False: the caller checked each job),
+        an id in use, more jobs than can ever wait at once (InvalidRequest), no room
+        (QueueFullError), a dead engine. No task per request: the HTTP server's streams read
+        their outputs straight from the sinks.
+
+        The waiting queue (W = max_waiting, --max-waiting) holds each request from its submit
+        until it gets a state slot. Admission, for a group of n requests from `client` (its API
+        key, or its address):
+        - n > W can never be queued: InvalidRequest, whatever the load.
+        - If n requests fit in the free places, they are queued: a client alone may fill the
+          whole queue.
+        - Otherwise, fair share: with k clients holding queued requests (this one counted),
+          each may hold W // k (at least 1). If this client would still be within its share,
+          room is made by refusing the newest groups of the clients holding more than their
+          share, the client holding the most first: the requests of those groups get
+          QueueFullError on their sinks (an HTTP 429) and are aborted. Else this group is
+          refused (QueueFullError). So a client flooding the queue cannot keep another out.
+        """
+        if validate:
+            for job in jobs:
+                self.engine.validate(job.prompt_token_ids, job.params)
+        ids = [job.request_id for job in jobs]
+        if len(set(ids)) < len(ids):
+            raise InvalidRequest(None, "the request ids of one group must differ")
+        for rid in ids:
+            if rid in self._streams:
+                raise InvalidRequest(None, f"request id {rid!r} is already in use")
+        loop = asyncio.get_running_loop()
         with self._lock:
-            if self._stats["waiting"] + self._pending >= self.engine_config.max_waiting:
-                raise QueueFullError(f"waiting queue is full ({self.engine_config.max_waiting} requests); "
-                                     f"retry later")
-            self._pending += 1
-        self._streams[request_id] = (asyncio.get_running_loop(), sink)
-        if self.error is not None:   # checked after registering: a dying engine either sees this stream or set this
-            self._streams.pop(request_id, None)
-            with self._lock:
-                self._pending -= 1
-            raise RuntimeError(f"engine stopped after an internal error: {self.error}")
-        self._inbox.put(("add", request_id, list(prompt_token_ids), params))
+            for group in self._make_room(len(jobs), client):
+                self._evict(group)
+            for job in jobs:
+                self._streams[job.request_id] = [loop, job.sink]
+            if self.error is not None:   # (after registering: a dying engine either sees these streams or set this)
+                for rid in ids:
+                    self._streams.pop(rid, None)
+                raise RuntimeError(f"engine stopped after an internal error: {self.error}")
+            group = _Group(client, ids)
+            for job in jobs:
+                self._queued[job.request_id] = group
+                self._inbox.put(("add", job.request_id, list(job.prompt_token_ids), job.params))
+            self._held[client] = self._held.get(client, 0) + len(jobs)
+            self._groups.setdefault(client, []).append(group)
         self._wake.set()
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
@@ -116,18 +197,97 @@ class AsyncEngine:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
+        """End a request: if it is still waiting for a slot, its place in the queue is free at
+        once; the engine thread ends it (a last delta, finish_reason "abort") at its next look."""
+        with self._lock:
+            self._unqueue(request_id)
+            self._inbox.put(("abort", request_id))
         self._wake.set()
 
     def stats(self) -> dict[str, float]:
-        return {**self._stats, "idle_s": self._idle_s}
+        """The engine's gauges and counters as of its last step; "waiting" is the count that
+        submit admits by (from submit until a slot, aborts at once), never a step behind."""
+        return {**self._stats, "waiting": len(self._queued), "idle_s": self._idle_s}
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout)
 
+    # ---- the waiting queue (callers hold _lock) ----------------------------------------------
+    def _make_room(self, n: int, client: str) -> list[_Group]:
+        """The groups to evict so that n requests of `client` fit (submit_group's rules), or raise."""
+        W = self.engine_config.max_waiting
+        if n > W:
+            raise InvalidRequest(None, f"at most {W} requests may wait for a slot at once (--max-waiting {W}): "
+                                       f"{n} together can never be queued")
+        free = W - len(self._queued)
+        if n <= free:
+            return []
+        held = dict(self._held)
+        clients = len(held) + (client not in held)
+        share = max(1, W // clients)
+        if held.get(client, 0) + n > share:
+            raise QueueFullError(self._full_message(client, share, clients))
+        victims: list[_Group] = []
+        taken: dict[str, int] = {}
+        while free < n:
+            hog = max(held, key=held.get)   # (of those holding the most, the first to queue)
+            if held[hog] <= share:
+                raise QueueFullError(self._full_message(client, share, clients))
+            taken[hog] = taken.get(hog, 0) + 1
+            group = self._groups[hog][-taken[hog]]   # its newest group not taken yet
+            victims.append(group)
+            held[hog] -= group.num_queued
+            free += group.num_queued
+        return victims
+
+    def _full_message(self, client: str, share: int, clients: int) -> str:
+        W = self.engine_config.max_waiting
+        return (f"waiting queue is full ({W} requests); this client holds {self._held.get(client, 0)} of them, and "
+                f"its fair share while {clients} clients wait is {share}; retry later")
+
+    def _evict(self, group: _Group) -> None:
+        """Refuse a queued group to make room for another client: QueueFullError on the sinks of
+        its requests, and an abort for each (those already running stop too)."""
+        W = self.engine_config.max_waiting
+        err = QueueFullError(f"waiting queue is full ({W} requests) and another client needed room: this client "
+                             f"held more than its fair share, and its newest request was refused; retry later")
+        log.info("waiting queue full: %d requests of a client above its fair share refused", len(group.request_ids))
+        for rid in group.request_ids:
+            self._unqueue(rid)
+            entry = self._streams.get(rid)
+            if entry is not None:
+                loop, sink = entry
+                entry[1] = _ignore   # (in place: the id stays in use until the engine has ended it)
+                try:
+                    loop.call_soon_threadsafe(sink, err)
+                except RuntimeError:  # the client's loop is gone
+                    pass
+            self._inbox.put(("abort", rid))
+
+    def _unqueue(self, request_id: str) -> None:
+        """The request no longer waits (it got a slot, was aborted or refused)."""
+        group = self._queued.pop(request_id, None)
+        if group is None:
+            return
+        group.num_queued -= 1
+        c = group.client
+        self._held[c] -= 1
+        if not self._held[c]:
+            del self._held[c]
+        if not group.num_queued:
+            groups = self._groups[c]
+            groups.remove(group)
+            if not groups:
+                del self._groups[c]
+
     # ---- engine thread ----------------------------------------------------------------------
+    def _on_admit(self, req: Request) -> None:
+        """The scheduler gave `req` a slot: it no longer waits (nor can it be evicted)."""
+        with self._lock:
+            self._unqueue(req.request_id)
+
     def _deliver(self, request_id: str, item) -> None:
         """Queue `item` for the request's sink; a final item (finished, or an error) also ends
         the stream's registration."""
@@ -149,23 +309,26 @@ class AsyncEngine:
 
     def _drain_inbox(self) -> None:
         eng = self.engine
+        drained = False
         while True:
             try:
                 msg = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                break
             if msg[0] == "add":
                 _, rid, ids, params = msg
-                with self._lock:
-                    self._pending -= 1
                 try:
                     eng.add_request(ids, params, request_id=rid, validate=False)   # (submit checked it)
                 except (InvalidRequest, QueueFullError) as e:
+                    with self._lock:
+                        self._unqueue(rid)
                     self._deliver(rid, e)
             else:
                 req = eng.abort(msg[1])
                 if req is not None and req.finished:
                     self._emit(req)
+            drained = True
+        if drained:
             self._stats = eng.stats()
 
     def _emit(self, req: Request) -> None:

@@ -5,6 +5,11 @@ these outside the engine core too). Torch-free.
 The core appends tokens; after each step `update` turns a request's new tokens into text and
 may finish the request on a stop string (through the scheduler, so its slot is freed like any
 other). `take_delta` is what a stream sends next, `final_output` the whole result.
+
+Stop strings cost each step the new text, not the whole text: each stop string is a KMP
+automaton fed only the new characters (`_StopMatcher`), whose state is also how much of the
+text's tail must be held back. A step does O(new characters × stop strings) work, at most one
+stop string's length more when a long partial match breaks (sampling_params caps both).
 """
 from __future__ import annotations
 
@@ -13,9 +18,51 @@ from dataclasses import dataclass, field
 from tnl.engine.request import CompletionOutput, Request, RequestOutput
 
 
+class _StopMatcher:
+    """One stop string as a Knuth-Morris-Pratt automaton over the text, fed as the text grows.
+    `state` is the length of the longest tail of the text so far that is a prefix of the stop
+    string: a match when it reaches the whole string, else what a stream must hold back."""
+
+    __slots__ = ("stop", "fail", "state")
+
+    def __init__(self, stop: str):
+        self.stop = stop
+        self.fail = [0] * len(stop)   # fail[i]: the longest proper prefix of stop[:i+1] that also ends it
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = self.fail[k - 1]
+            if stop[i] == stop[k]:
+                k += 1
+            self.fail[i] = k
+        self.state = 0
+
+    def feed(self, text: str) -> int:
+        """Advance over `text`: the index in it just past the first match, or -1."""
+        s, fail, k, n = self.stop, self.fail, self.state, len(self.stop)
+        j, end = 0, len(text)
+        while j < end:
+            if k == 0:   # no partial match: skip to where one could begin (str.find, at C speed)
+                j = text.find(s[0], j)
+                if j < 0:
+                    break
+            c = text[j]
+            while k and s[k] != c:
+                k = fail[k - 1]
+            if s[k] == c:
+                k += 1
+                if k == n:
+                    self.state = k
+                    return j + 1
+            j += 1
+        self.state = k
+        return -1
+
+
 @dataclass
 class _Text:
     detok: object | None          # IncrementalDetokenizer (None: the model has no tokenizer)
+    stops: list[_StopMatcher]     # one per stop string, in the request's order
     text: str = ""                # detokenized output so far (stop strings cut)
     emitted: int = 0              # len(text) already handed to the caller
     num_tokens: int = 0           # output tokens already turned into text
@@ -29,12 +76,13 @@ class OutputProcessor:
         self._texts: dict[str, _Text] = {}
 
     def add(self, req: Request) -> None:
-        detok = None
+        detok, stops = None, []
         if self.tokenizer is not None:
             from tnl.model.tokenizer import IncrementalDetokenizer
             detok = IncrementalDetokenizer(self.tokenizer, prompt_ids=req.prompt_token_ids,
                                            skip_special_tokens=req.params.skip_special_tokens)
-        self._texts[req.request_id] = _Text(detok)
+            stops = [_StopMatcher(s) for s in req.params.stop]   # (without a tokenizer stop strings are refused)
+        self._texts[req.request_id] = _Text(detok, stops)
 
     def release(self, request_id: str) -> None:
         self._texts.pop(request_id, None)
@@ -44,40 +92,36 @@ class OutputProcessor:
 
     def update(self, req: Request, scheduler) -> None:
         """Detokenize the tokens the core appended since the last call; a stop string cuts the
-        text there and finishes the request (scheduler.finish)."""
+        text there and finishes the request (scheduler.finish). Of the stop strings that end in
+        a token's text, the first in the request's list wins, at its first occurrence."""
         t = self._texts[req.request_id]
         if t.detok is None:
             t.num_tokens = len(req.output_token_ids)
             return
-        stops = req.params.stop
         while t.num_tokens < len(req.output_token_ids):
             tok = req.output_token_ids[t.num_tokens]
             t.num_tokens += 1
             last = t.num_tokens == len(req.output_token_ids)
-            before = len(t.text)
+            piece = ""
             if not (last and req.finished and req.stop_reason == tok and tok in req.stop_ids):
-                t.text += t.detok.add(tok)   # a stop token ends the output without showing in the text
+                piece = t.detok.add(tok)   # a stop token ends the output without showing in the text
             if last and req.finished:
-                t.text += t.detok.flush()
-            for s in stops:
-                i = t.text.find(s, max(0, before - len(s) + 1))
-                if i >= 0:
-                    t.text = t.text[:i]
-                    scheduler.finish(req, "stop", s)
+                piece += t.detok.flush()
+            before = len(t.text)
+            t.text += piece
+            for m in t.stops:
+                end = m.feed(piece)
+                if end >= 0:
+                    t.text = t.text[:before + end - len(m.stop)]
+                    scheduler.finish(req, "stop", m.stop)
                     t.num_tokens = len(req.output_token_ids)
                     return
 
     def _safe_text_end(self, req: Request, t: _Text) -> int:
         """How much of the text may be shown: hold back a tail that could begin a stop string."""
-        if req.finished or not req.params.stop:
+        if req.finished or not t.stops:
             return len(t.text)
-        hold = 0
-        for s in req.params.stop:
-            for k in range(min(len(s) - 1, len(t.text)), hold, -1):
-                if t.text.endswith(s[:k]):
-                    hold = k
-                    break
-        return len(t.text) - hold
+        return len(t.text) - max(m.state for m in t.stops)
 
     def take_delta(self, req: Request) -> RequestOutput:
         """The output since the last delta: new text (minus a held-back tail), token ids and

@@ -8,6 +8,10 @@ from tnl.engine.errors import InvalidRequest
 
 MAX_TOKENS_CAP = 1_000_000   # a request asking for more than this is a mistake, not a plan
 MAX_LOGPROBS = 20
+# Stop strings: every step feeds each request's new text through each of its stop strings
+# (tnl.engine.output), and holds back up to the longest one's length of text from a stream.
+MAX_STOPS = 16
+MAX_STOP_CHARS = 1000
 
 
 @dataclass
@@ -18,7 +22,8 @@ class SamplingParams:
         top_p, top_k (0 or -1: off), min_p: nucleus / top-k / min-p filtering
         repetition_penalty (HF style, 1 = off), presence_penalty, frequency_penalty (OpenAI style)
         seed: per-request generator; the same seed gives the same tokens whatever the batch
-        stop: strings that end generation (not included in the text)
+        stop: strings that end generation (not included in the text); at most MAX_STOPS of
+            them, each of at most MAX_STOP_CHARS characters
         stop_token_ids: extra ids that end generation (included in token_ids, not in text)
         ignore_eos: keep going past the end-of-sequence token
         logprobs: number of top logprobs per generated token (the sampled token always included)
@@ -81,6 +86,12 @@ class SamplingParams:
             self.stop = [self.stop]
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             bad("stop", "must be a non-empty string or a list of them")
+        if len(self.stop) > MAX_STOPS:   # (no bad(): the value may be megabytes)
+            raise InvalidRequest("stop", f"stop: at most {MAX_STOPS} strings, got {len(self.stop)}")
+        longest = max(map(len, self.stop), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise InvalidRequest("stop", f"stop: a stop string may have at most {MAX_STOP_CHARS} characters, got "
+                                         f"one of {longest}")
         if self.stop_token_ids is None:
             self.stop_token_ids = []
         if not isinstance(self.stop_token_ids, list) or not all(is_int(t) and t >= 0 for t in self.stop_token_ids):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tnl.engine.errors import QueueFullError
@@ -88,6 +89,9 @@ class Scheduler:
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self._to_free: list[Request] = []
+        # called with each request given a slot (the async front counts its waiting queue so,
+        # whatever order the cache lets requests in)
+        self.on_admit: Callable[[Request], None] | None = None
 
     # ---- queue -----------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -146,6 +150,8 @@ class Scheduler:
                 continue
             r.slot = self.slots.alloc()
             r.status = Status.RUNNING
+            if self.on_admit is not None:
+                self.on_admit(r)
             new_slots.append(r.slot)
             self.running.append(r)
             if self.prefix_cache is not None:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
 
 from tnl.config import DEFAULT_SYSTEM_PROMPT
-from tnl.engine.sampling_params import MAX_LOGPROBS, MAX_TOKENS_CAP
+from tnl.engine.sampling_params import MAX_LOGPROBS, MAX_STOP_CHARS, MAX_STOPS, MAX_TOKENS_CAP
 
 # MAX_TOKENS_CAP (1,000,000): a max_tokens above it is a mistake, not a plan; it is refused
 # (400) rather than clamped, so a client bug shows up at once.
@@ -95,10 +95,13 @@ class SamplingFields(_Request):
         if v is None:
             return []
         stops = [v] if isinstance(v, str) else v
-        if len(stops) > 16:
-            raise ValueError(f"at most 16 stop strings, got {len(stops)}")
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings, got {len(stops)}")
         if any(s == "" for s in stops):
             raise ValueError("stop strings must not be empty")
+        longest = max(map(len, stops), default=0)
+        if longest > MAX_STOP_CHARS:   # the per-step stop check and a stream's hold-back grow with it
+            raise ValueError(f"a stop string may have at most {MAX_STOP_CHARS} characters, got one of {longest}")
         return stops
 
     @field_validator("stop_token_ids")

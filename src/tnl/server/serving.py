@@ -7,6 +7,7 @@ deltas back into JSON.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from tnl.engine.async_engine import EngineClient
+from tnl.engine.async_engine import EngineClient, Job
 from tnl.engine.errors import InvalidRequest, QueueFullError
 from tnl.engine.request import RequestOutput
 from tnl.engine.sampling_params import SamplingParams
@@ -146,6 +147,16 @@ def sampling_params(param_fields: dict) -> SamplingParams:
         raise APIError(e.message, 400, e.param) from None
 
 
+def client_key(state: ServerState, request: Request) -> str:
+    """Whom a request counts against in the waiting queue's fair share (AsyncEngine.submit_group):
+    its API key when the server has one (--api-key; a hash, the key itself is kept nowhere),
+    else the client's address."""
+    if state.config.api_key:
+        _, _, token = request.headers.get("authorization", "").partition(" ")
+        return "key:" + hashlib.sha256(token.strip().encode()).hexdigest()[:16]
+    return "addr:" + (request.client.host if request.client is not None else "-")
+
+
 _DISCONNECTED = object()
 _REFUSED_AT_SHUTDOWN = object()    # the server began to shut down before this request started
 _ENDED_AT_SHUTDOWN = object()      # the shutdown grace period ran out while it ran
@@ -156,9 +167,10 @@ SHUTTING_DOWN = "the server is shutting down and takes no new requests; send thi
 class Generation:
     """The engine requests of one HTTP request (n samples of each prompt), as one stream.
 
-    Choice k is sample k % n of prompt k // n. `await start()` submits them all and waits until
-    every one has produced its first output, so a refusal (queue full, bad prompt) becomes an
-    HTTP error before any byte of the answer is sent. `outputs()` yields (choice index,
+    Choice k is sample k % n of prompt k // n. `await start()` submits them all together (all
+    are queued or none: AsyncEngine.submit_group) and waits until every one has produced its
+    first output, so a refusal (queue full, bad prompt) becomes an HTTP error before any byte
+    of the answer is sent. `outputs()` yields (choice index,
     RequestOutput delta) in arrival order. `close()` aborts whatever has not finished
     (idempotent, and it never awaits, so it can run inside a cancelled task).
     """
@@ -173,8 +185,10 @@ class Generation:
         self.request_id = request_id
         self.jobs = [(ids, params) for ids in prompts for params in samples]
         self.job_params = [param for param in (prompt_params or ["prompt"] * len(prompts)) for _ in samples]
+        self.client = client_key(state, request)
         self.metrics = state.metrics
         self.num_prompt_tokens = sum(len(ids) for ids in prompts)  # usage counts each prompt once
+        self.num_prompts = len(prompts)
         self.prompt_tokens = [len(ids) for ids, _ in self.jobs]
         self.generated = [0] * len(self.jobs)
         self.finished = [False] * len(self.jobs)
@@ -182,6 +196,7 @@ class Generation:
         self._watcher: asyncio.Task | None = None
         self._buffer: list[tuple[int, RequestOutput]] = []
         self._last_time = [0.0] * len(self.jobs)
+        self._submitted = False
         self._started = False
         self._closed = False
         self.streaming = False   # answered by an EventStream (set by it)
@@ -218,14 +233,27 @@ class Generation:
                 self.engine.abort(self.engine_id(k))
         self._scope_state["aborted"] = True
 
-    def _submit(self, k: int, ids: list[int], params: SamplingParams) -> None:
-        """The engine hands choice k's outputs straight to this generation's queue (no task
-        per choice between them); refusals travel the same way."""
+    def _submit(self) -> None:
+        """Queue every choice's engine request, all together or none (a refusal raises here).
+        The engine hands choice k's outputs straight to this generation's queue (no task per
+        choice between them)."""
+        for k, (ids, params) in enumerate(self.jobs):
+            try:
+                self.engine.validate(ids, params)
+            except InvalidRequest as e:
+                self._check(e, k)
         put = self._queue.put_nowait
+        jobs = [Job(ids, params, self.engine_id(k), lambda item, k=k: put((k, item)))
+                for k, (ids, params) in enumerate(self.jobs)]
         try:
-            self.engine.submit(ids, params, self.engine_id(k), lambda item: put((k, item)))
+            self.engine.submit_group(jobs, self.client, validate=False)
+        except InvalidRequest as e:   # more sequences than may ever wait at once
+            n = len(self.jobs) // self.num_prompts
+            raise APIError(f"n × prompts = {n} × {self.num_prompts} = {len(self.jobs)} sequences, but {e.message}; "
+                           f"lower n or send fewer prompts per request", 400, "n" if n > 1 else "prompt") from None
         except Exception as e:
-            put((k, e))
+            self._check(e)
+        self._submitted = True
 
     async def _watch_disconnect(self) -> None:
         receive = self.request.receive
@@ -239,8 +267,11 @@ class Generation:
 
     async def start(self, watch_disconnect: bool = True) -> None:
         self.state.generations.add(self)   # (close() takes it out)
-        for k, (ids, p) in enumerate(self.jobs):
-            self._submit(k, ids, p)
+        try:
+            self._submit()
+        except BaseException:
+            self.close()
+            raise
         if watch_disconnect:
             self._watcher = asyncio.create_task(self._watch_disconnect())
         waiting = set(range(len(self.jobs)))
@@ -345,7 +376,7 @@ class Generation:
             return
         self._closed = True
         self.state.generations.discard(self)
-        for k, done in enumerate(self.finished):
+        for k, done in enumerate(self.finished if self._submitted else ()):
             if not done:
                 self.engine.abort(self.engine_id(k))
                 if self._started:  # (a refused request was never under way)
