@@ -214,6 +214,8 @@ class EngineConfig:
     async_scheduling: bool | None = None    # overlap host work with the next decode step; None: on for CUDA
     enable_prefix_caching: bool = True       # the prompt-state cache (snapshots at exact token boundaries)
     prefix_cache_gb: float | None = None     # its budget; None: half the GPU memory free after the slots, 1 GB on CPU
+    prefix_cache_dir: str | None = None      # also write the snapshots there as state files, and load them at start
+    prefix_cache_dir_gb: float = 10.0        # that directory's cap: this model's oldest files are deleted beyond it
 
 
 def engine_config(**options) -> EngineConfig:

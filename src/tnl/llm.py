@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from tnl.config import engine_config
+from tnl.engine import state_file
 from tnl.engine.request import RequestOutput
 from tnl.engine.sampling_params import SamplingParams
 from tnl.kernels.config import KernelConfig
@@ -20,9 +21,11 @@ class LLM:
                  max_num_seqs: int | None = None, max_num_batched_tokens: int = 2048,
                  chat_template: str | None = None, source: str = "modelscope", cache_dir: str | None = None,
                  revision: str | None = None, cuda_graphs: bool = True, progress: bool = True,
-                 threads: int | None = None, kernel_config: KernelConfig | None = None):
+                 threads: int | None = None, kernel_config: KernelConfig | None = None,
+                 prefix_cache_dir: str | None = None, prefix_cache_dir_gb: float | None = None):
         ec = engine_config(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                           max_waiting=1 << 30, cuda_graphs=cuda_graphs)
+                           max_waiting=1 << 30, cuda_graphs=cuda_graphs, prefix_cache_dir=prefix_cache_dir,
+                           prefix_cache_dir_gb=prefix_cache_dir_gb)
         self.engine = build_engine(model, device, dtype, ec, chat_template, source, cache_dir, revision, progress,
                                    threads=threads, kernel_config=kernel_config)
         self.tokenizer = self.engine.tokenizer
@@ -78,3 +81,42 @@ class LLM:
         for o, p in zip(outs, prompts):
             o.prompt = p
         return outs
+
+    # ---- state files (tnl.engine.state_file) -----------------------------------------------------
+    def export_state(self, prompt: str | None = None, token_ids: list[int] | None = None,
+                     messages: list[dict] | None = None, add_generation_prompt: bool = False) -> bytes:
+        """The state file (safetensors bytes) of the model's state after a prefix: exactly one of
+        `prompt` (text, encoded with BOS as `generate` does), `token_ids`, or `messages` (a chat,
+        through the chat template; add_generation_prompt as in `chat`, off by default so that the
+        next turn's prompt starts with these tokens). Computed through the prompt-state cache:
+        from its longest cached prefix, or not at all when the cache holds the whole prefix."""
+        if sum(x is not None for x in (prompt, token_ids, messages)) != 1:
+            raise ValueError("give exactly one of prompt, token_ids or messages")
+        if messages is not None:
+            if self.tokenizer is None:
+                raise ValueError("messages need a tokenizer, and this checkpoint has no tokenizer.model")
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                     tokenize=True)
+        else:
+            ids = self._encode(prompt if prompt is not None else token_ids)[0]
+        if not ids:
+            raise ValueError("the prefix is empty: a state comes after at least one token")
+        # one greedy token: the request then keeps the state at its prompt's end with the logits
+        # after it (max_tokens=0 requests score prompts and skip the cache)
+        self.generate(ids, SamplingParams(max_tokens=1, temperature=0))
+        core = self.engine.core
+        return state_file.dumps(core.state_entry(ids), core.fingerprint, core.model_config)
+
+    def import_state(self, data: bytes) -> dict:
+        """Check a state file (export_state's, or a server's POST /v1/state/export) and pin its
+        state in the prompt-state cache: from now on every prompt that starts with its tokens
+        continues from it. Returns {"tokens": n, "fingerprint": the model's}. Raises
+        state_file.StateFileError (WrongModelState: computed by another model) or StateCacheError."""
+        core = self.engine.core
+        ids, state, logits = state_file.loads(data, core.fingerprint, core.model_config)
+        core.import_state(ids, state, logits)
+        return {"tokens": len(ids), "fingerprint": core.fingerprint}
+
+    def unpin_states(self) -> int:
+        """Unpin the imported states (the cache may evict them again). Returns how many were pinned."""
+        return self.engine.core.unpin_states()

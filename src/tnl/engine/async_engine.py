@@ -68,10 +68,34 @@ class EngineClient(Protocol):
 
     def shutdown(self, timeout: float = 10.0) -> None: ...
 
+    fingerprint: str   # the model's (tnl.engine.state_file.model_fingerprint)
+
+    async def export_state(self, token_ids: list[int]) -> bytes: ...
+
+    async def import_state(self, data: bytes) -> int: ...
+
+    async def unpin_states(self) -> int: ...
+
 
 def _put_all(items: list) -> None:
     for sink, item in items:
         sink(item)
+
+
+def _settle(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, result, error: BaseException | None) -> None:
+    """Hand a `call`'s outcome to its caller's loop (from the engine thread)."""
+    def done() -> None:
+        if fut.done():   # the caller was cancelled
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+
+    try:
+        loop.call_soon_threadsafe(done)
+    except RuntimeError:  # the caller's loop is gone
+        pass
 
 
 def _ignore(item) -> None:
@@ -98,6 +122,7 @@ class AsyncEngine:
         self.tokenizer = engine.tokenizer
         self.model_config = engine.model_config
         self.engine_config = engine.engine_config
+        self.fingerprint = engine.core.fingerprint
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, list] = {}   # request id -> [its event loop, its sink]
@@ -208,6 +233,39 @@ class AsyncEngine:
         """The engine's gauges and counters as of its last step; "waiting" is the count that
         submit admits by (from submit until a slot, aborts at once), never a step behind."""
         return {**self._stats, "waiting": len(self._queued), "idle_s": self._idle_s}
+
+    # ---- state files (tnl.engine.state_file; imported here, so the server loads no torch) ------
+    async def call(self, fn: Callable[[object], object]):
+        """Run fn(engine) on the engine thread between two steps (the engine's state is that
+        thread's alone) and return its result here, or raise its exception here."""
+        if self.error is not None:
+            raise RuntimeError(f"engine stopped after an internal error: {self.error}")
+        if self._stop:
+            raise RuntimeError("the engine is shut down")
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._inbox.put(("call", fn, loop, fut))
+        self._wake.set()
+        return await fut
+
+    async def export_state(self, token_ids: list[int]) -> bytes:
+        """The state file of the cached state after exactly `token_ids` (a request over them
+        must have put it there: one with max_tokens >= 1 keeps its prompt's end). Serialized off
+        the engine thread. Raises state_file.StateCacheError when the cache does not hold it."""
+        from tnl.engine import state_file
+        entry = await self.call(lambda eng: eng.core.state_entry(token_ids))
+        return await asyncio.to_thread(state_file.dumps, entry, self.fingerprint, self.model_config)
+
+    async def import_state(self, data: bytes) -> int:
+        """Check a state file (off the engine thread) and pin its state in the cache. Returns
+        its number of tokens. Raises state_file.StateFileError (nothing cached) or StateCacheError."""
+        from tnl.engine import state_file
+        ids, state, logits = await asyncio.to_thread(state_file.loads, data, self.fingerprint, self.model_config)
+        await self.call(lambda eng: eng.core.import_state(ids, state, logits))
+        return len(ids)
+
+    async def unpin_states(self) -> int:
+        return await self.call(lambda eng: eng.core.unpin_states())
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop = True
@@ -323,6 +381,13 @@ class AsyncEngine:
                     with self._lock:
                         self._unqueue(rid)
                     self._deliver(rid, e)
+            elif msg[0] == "call":
+                _, fn, loop, fut = msg
+                try:
+                    result, error = fn(eng), None
+                except Exception as e:   # the caller's to handle; the engine goes on
+                    result, error = None, e
+                _settle(loop, fut, result, error)
             else:
                 req = eng.abort(msg[1])
                 if req is not None and req.finished:
@@ -366,3 +431,11 @@ class AsyncEngine:
             for rid in list(self._streams):
                 self._deliver(rid, RuntimeError(f"internal engine error: {e}"))
             self._flush()
+        finally:   # calls still in the inbox get an answer: the engine is gone
+            while True:
+                try:
+                    msg = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if msg[0] == "call":
+                    _settle(msg[2], msg[3], None, RuntimeError("the engine stopped before it ran this call"))

@@ -14,7 +14,8 @@ import time
 import torch
 
 from tnl.config import EngineConfig, ModelConfig
-from tnl.engine.prefix_cache import PrefixCache
+from tnl.engine import state_file
+from tnl.engine.prefix_cache import CacheEntry, PrefixCache
 from tnl.engine.request import Request
 from tnl.engine.runner import ModelRunner
 from tnl.engine.sampler import PendingSample, sample, top_logprobs
@@ -80,6 +81,8 @@ class EngineCore:
             torch.cuda.set_device(self.device)   # graph capture, events and Triton launches follow the current device
         self.runner = ModelRunner(model, slots, self.device, cuda_graphs=ec.cuda_graphs)
         self.prefix_cache = self._new_prefix_cache(ec)
+        self.fingerprint = state_file.model_fingerprint(model)   # names the model in state files
+        self.state_dir = self._open_state_dir(ec)
         self.scheduler = Scheduler(slots, ec.max_num_batched_tokens, ec.max_waiting, self.prefix_cache)
         self.stop_ids = frozenset(stop_ids)    # eos and generation_config's ids (unless ignore_eos)
         self.sample_vocab = sample_vocab       # ids >= this are never sampled (the tokenizer cannot decode them)
@@ -107,6 +110,93 @@ class EngineCore:
                  "GPU" if self.device.type == "cuda" else "host", budget // per, per / 1e6)
         return PrefixCache(budget)
 
+    def _open_state_dir(self, ec: EngineConfig) -> state_file.StateDirectory | None:
+        """--prefix-cache-dir: the snapshots are also written there, and those of this model
+        found there now are loaded into the cache, the newest first, as many as its budget holds
+        (the others stay on disk). Eager rather than on a hit: a hit is then a copy in device
+        memory, never a file read inside a step that every running stream waits for (a 7B state
+        is 65 MB); the cost is paid once here, before the engine serves, and the directory's cap
+        bounds it."""
+        if ec.prefix_cache_dir is None:
+            return None
+        if self.prefix_cache is None:
+            log.warning("--prefix-cache-dir %s ignored: the prompt-state cache is off", ec.prefix_cache_dir)
+            return None
+        t0 = time.perf_counter()
+        d = state_file.StateDirectory(ec.prefix_cache_dir, int(ec.prefix_cache_dir_gb * 1e9), self.fingerprint,
+                                      self.model_config)
+        found = d.scan()
+        per = self.entry_bytes()
+        fit = found[:self.prefix_cache.budget_bytes // per]
+        loaded = 0
+        for path, _ in reversed(fit):   # oldest first, so that the newest are the most recently used
+            try:
+                ids, state, logits = d.read(path)
+            except (state_file.StateFileError, OSError) as e:
+                log.warning("--prefix-cache-dir: skipping %s: %s", path, e)
+                continue
+            state = [t.to(self.device) for t in state]
+            logits = logits.to(self.device) if logits is not None else None
+            loaded += self.prefix_cache.insert(ids, state, logits, per) is not None
+        log.info("--prefix-cache-dir %s: %d states loaded in %.2f s (%d more on disk than the cache holds)",
+                 d.path, loaded, time.perf_counter() - t0, len(found) - len(fit))
+        return d
+
+    def _persist(self, ids, state: list[torch.Tensor], logits: torch.Tensor | None) -> None:
+        """Hand a snapshot to the --prefix-cache-dir writer: on CUDA as copies to (pinned) host
+        memory queued on the stream behind the snapshot, with an event the writer waits for; on
+        the host as it is (nothing writes into a snapshot once taken)."""
+        if not self.state_dir.wants(ids, logits is not None):
+            return
+        ready = None
+        if self.device.type == "cuda":
+            state = [t.to("cpu", non_blocking=True) for t in state]
+            logits = logits.to("cpu", non_blocking=True) if logits is not None else None
+            ready = torch.cuda.Event()
+            ready.record()
+        self.state_dir.put(ids, state, logits, ready)
+
+    # ---- state files: export / import (engine thread) -----------------------------------------
+    def _cache_for_states(self) -> PrefixCache:
+        if self.prefix_cache is None:
+            raise state_file.StateCacheError("the prompt-state cache is off (--no-enable-prefix-caching), and states "
+                                             "are exported from it and imported into it", off=True)
+        return self.prefix_cache
+
+    def _cache_full(self, n: int) -> state_file.StateCacheError:
+        c = self.prefix_cache
+        pinned = sum(e.pinned for e in c.entries)
+        return state_file.StateCacheError(
+            f"the prompt-state cache cannot keep the state after {n} tokens: its {c.budget_bytes / 1e9:.2f} GB "
+            f"(--prefix-cache-gb) hold {pinned} pinned states and a state takes {self.entry_bytes() / 1e6:.1f} MB; "
+            f"unpin states (DELETE /v1/state/pins, LLM.unpin_states) or give the cache more memory")
+
+    def state_entry(self, ids: list[int]) -> CacheEntry:
+        """The cached state after exactly `ids`, with its logits if kept, copied to the host
+        (what a state file holds). Raises StateCacheError when the cache does not hold it."""
+        e = self._cache_for_states().get(ids)
+        if e is None:
+            raise self._cache_full(len(ids))
+        return CacheEntry(e.ids, [t.cpu() for t in e.state], e.logits.cpu() if e.logits is not None else None,
+                          e.nbytes)
+
+    def import_state(self, ids: list[int], state: list[torch.Tensor], logits: torch.Tensor | None) -> CacheEntry:
+        """Put a checked state (state_file.loads) into the cache, pinned: from now on a prompt
+        that starts with `ids` continues from it. Raises StateCacheError when it cannot be kept."""
+        cache = self._cache_for_states()
+        state = [t.to(self.device, torch.float32).contiguous() for t in state]
+        logits = logits.to(self.device, torch.float32) if logits is not None else None
+        entry = cache.insert(ids, state, logits, self.entry_bytes(), pinned=True)
+        if entry is None:
+            raise self._cache_full(len(ids))
+        if self.state_dir is not None:
+            self._persist(entry.ids, entry.state, entry.logits)
+        return entry
+
+    def unpin_states(self) -> int:
+        """Unpin every pinned state (imported ones): LRU eviction may take them again. Returns how many."""
+        return self.prefix_cache.unpin_all() if self.prefix_cache is not None else 0
+
     def entry_bytes(self) -> int:
         """One snapshot: the state of every layer, plus the logits after it [V] float32."""
         return self.model_config.state_bytes() + 4 * self.model_config.vocab_size
@@ -121,8 +211,10 @@ class EngineCore:
             if self.prefix_cache.get(ids) is not None and (k != r.num_prompt or not logits_of):
                 continue
             row = logits_of.get(id(r)) if logits_of and k == r.num_prompt else None
-            self.prefix_cache.insert(ids, self.runner.pool.snapshot(r.slot),
-                                     row.clone() if row is not None else None, self.entry_bytes())
+            state, logits = self.runner.pool.snapshot(r.slot), row.clone() if row is not None else None
+            self.prefix_cache.insert(ids, state, logits, self.entry_bytes())
+            if self.state_dir is not None:
+                self._persist(ids, state, logits)
 
     def add(self, req: Request) -> None:
         if req.params.seed is not None:
@@ -144,6 +236,8 @@ class EngineCore:
         if self._timings:
             self._read_timings()
         cache = self.prefix_cache.stats() if self.prefix_cache is not None else {}
+        if self.state_dir is not None:
+            cache.update(self.state_dir.stats())
         return {**self.scheduler.stats(), **self.counters, **cache}
 
     def reset_counters(self) -> None:
@@ -274,13 +368,17 @@ class EngineCore:
             self.add(Request(f"warm-up-{n}", [(3 + i) % V for i in range(n)], sp, frozenset()))
         budget = self.scheduler.max_num_batched_tokens
         self.scheduler.max_num_batched_tokens = 64   # the long prompt comes in chunks beside a decode
+        # a scratch cache: the warm-up's prompts are neither kept, nor written, nor evict loaded states
+        cache, state_dir, self.state_dir = self.prefix_cache, self.state_dir, None
+        if cache is not None:
+            self.prefix_cache = self.scheduler.prefix_cache = PrefixCache(cache.budget_bytes)
         try:
             while self.has_work:
                 self.step()
         finally:
             self.scheduler.max_num_batched_tokens = budget
             self.scheduler.snapshots.clear()
-            if self.prefix_cache is not None:   # nothing of the warm-up's prompts is kept
-                self.prefix_cache = self.scheduler.prefix_cache = PrefixCache(self.prefix_cache.budget_bytes)
+            self.prefix_cache = self.scheduler.prefix_cache = cache
+            self.state_dir = state_dir
             self.reset_counters()
         log.info("warm-up requests done in %.1f s", time.perf_counter() - t0)

@@ -39,7 +39,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import tnl
-from tnl.server import routes_openai, routes_ops, routes_seed
+from tnl.server import routes_openai, routes_ops, routes_seed, routes_state
 from tnl.server.config import ServerConfig
 from tnl.server.errors import error_body, error_response, install_error_handlers
 from tnl.server.metrics import ServerMetrics
@@ -544,7 +544,7 @@ def build_app(engine, server_config: ServerConfig, *, load_engine: Callable[[], 
                                      "server does not).")
     app.state.tnl = state
     install_error_handlers(app)
-    routers = (routes_seed.router, routes_openai.router, routes_ops.router)
+    routers = (routes_seed.router, routes_openai.router, routes_ops.router, routes_state.router)
     for router in routers:
         app.include_router(router)
     install_openapi(app, state)

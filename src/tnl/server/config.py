@@ -8,7 +8,7 @@ import argparse
 import os
 from dataclasses import dataclass, field, fields
 
-from tnl.args import add_model_args, port, positive_int, seconds
+from tnl.args import add_model_args, checked, port, positive_int, seconds
 
 DEFAULT_PORT = 6006  # the seed tutorial's port (AutoDL maps it to the user's machine)
 
@@ -55,6 +55,8 @@ class ServerConfig:
     max_waiting: int | None = None
     max_prompt_tokens: int | None = None
     async_scheduling: bool | None = None
+    prefix_cache_dir: str | None = None         # snapshots also as state files there, found again at start
+    prefix_cache_dir_gb: float | None = None    # that directory's cap (None: EngineConfig's)
     api_key: str | None = None
     served_model_name: str | None = None
     chat_template: str | None = None
@@ -85,7 +87,8 @@ class ServerConfig:
         from tnl.config import engine_config
 
         return engine_config(**{name: getattr(self, name) for name in (
-            "max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_prompt_tokens", "async_scheduling")})
+            "max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_prompt_tokens", "async_scheduling",
+            "prefix_cache_dir", "prefix_cache_dir_gb")})
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "ServerConfig":
@@ -97,6 +100,10 @@ class ServerConfig:
             if items is not None:
                 vals[name] = tuple(o.strip() for item in items for o in item.split(",") if o.strip())
         return cls(**vals)
+
+
+def _positive_gigabytes(text: str) -> float:
+    return checked(text, float, "gigabytes", lambda v: v > 0, "expected gigabytes > 0, got {text}")
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -119,6 +126,12 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                         help="queue each decode step before reading back the last one's tokens "
                              "(default: on for CUDA)")
+    parser.add_argument("--prefix-cache-dir", default=None, metavar="DIR",
+                        help="also write the prompt-state cache's snapshots to DIR as state files, and load "
+                             "this model's files found there at start (a restarted server keeps its cache)")
+    parser.add_argument("--prefix-cache-dir-gb", type=_positive_gigabytes, default=None,
+                        help="cap of --prefix-cache-dir: this model's oldest files are deleted beyond it "
+                             "(default 10)")
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' (GET /health and the chat page stay open)")
     parser.add_argument("--served-model-name", default=None,
