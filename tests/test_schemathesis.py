@@ -16,8 +16,6 @@ import sys
 import pytest
 import requests
 
-from helpers_server import ServerProcess, make_tiny_model
-
 schemathesis = pytest.importorskip("schemathesis")
 
 MAX_EXAMPLES = 30      # cases per operation and phase: ~1,400 requests in all, ~15 s on 2 cores
@@ -60,10 +58,17 @@ def before_call(context, case, kwargs):
         body["max_new_tokens"] = MAX_TOKENS
 
 
+def tiny_server(model_dir, *args: str):
+    # imported here: `st run` imports this module for its hook, which needs no torch
+    from helpers_server import ServerProcess, make_tiny_model
+
+    return ServerProcess(make_tiny_model(model_dir), *args)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    model_dir = make_tiny_model(tmp_path_factory.mktemp("tiny-schemathesis"))
-    with ServerProcess(model_dir, "--max-num-seqs", "4", "--served-model-name", "tiny") as srv:
+    with tiny_server(tmp_path_factory.mktemp("tiny-schemathesis"), "--max-num-seqs", "4",
+                     "--served-model-name", "tiny") as srv:
         yield srv
 
 
@@ -137,8 +142,7 @@ def test_schema_documents_each_error(server):
 
 def test_keyed_schema_documents_401(tmp_path):
     """With --api-key every operation outside the open paths documents 401 and the bearer scheme."""
-    model_dir = make_tiny_model(tmp_path / "tiny")
-    with ServerProcess(model_dir, "--api-key", "sk-schema") as srv:
+    with tiny_server(tmp_path / "tiny", "--api-key", "sk-schema") as srv:
         schema = requests.get(srv.url + "/openapi.json", timeout=10).json()
     assert schema["components"]["securitySchemes"]["apiKey"]["scheme"] == "bearer"
     paths = schema["paths"]

@@ -384,12 +384,15 @@ def allow_every_method(app: FastAPI, routes: list) -> None:
 
 
 def middleware_statuses(path: str, method: str, has_body: bool, keyed: bool) -> list[int]:
-    """The error statuses that the middlewares can send for an operation before its route runs."""
-    statuses = [400]               # a Host this server does not answer to (SiteGuardMiddleware)
+    """The error statuses that the connection (launch.GuardedHTTP) and the middlewares can send for
+    an operation before its route runs."""
+    statuses = [400,               # a Host this server does not answer to (SiteGuardMiddleware)
+                408,               # headers (GuardedHTTP) or a body (BodyTimeoutMiddleware) too slow
+                503]               # past --max-connections (GuardedHTTP), or shutting down
     if method == "post":
         statuses.append(403)       # a cross-site POST of a body that is not JSON (SiteGuardMiddleware)
     if has_body:
-        statuses += [408, 413]     # a body too slow (BodyTimeoutMiddleware) or too large
+        statuses.append(413)       # a body too large
     if keyed and not APIKeyMiddleware.is_open({"path": path, "method": method.upper()}):
         statuses.append(401)
     return statuses

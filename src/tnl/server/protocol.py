@@ -30,7 +30,7 @@ TOKEN_ID = {"type": "integer", "minimum": 0, TOKEN_ID_KEY: True}
 # A request's "model": the app puts the served model's name into /openapi.json at this key's schemas.
 MODEL_KEY = "x-tnl-model"
 NULL = {"type": "null"}
-STOP = {"type": "string", "minLength": 1}
+STOP = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
 
 
 def _strict(default=None, **kw):
@@ -68,8 +68,8 @@ class SamplingFields(_Request):
     top_p: float | None = _number(None, gt=0, le=1)
     n: int = _strict(1, ge=1, le=MAX_N)
     stop: StrictStr | list[StrictStr] | None = Field(
-        None, description="up to 16 strings that end generation",
-        json_schema_extra={"anyOf": [STOP, {"type": "array", "items": STOP, "maxItems": 16}, NULL]})
+        None, description=f"up to {MAX_STOPS} strings that end generation",
+        json_schema_extra={"anyOf": [STOP, {"type": "array", "items": STOP, "maxItems": MAX_STOPS}, NULL]})
     seed: int | None = _strict(None, ge=-(2 ** 63), lt=2 ** 64)
     presence_penalty: float | None = _number(None, ge=-2, le=2)
     frequency_penalty: float | None = _number(None, ge=-2, le=2)
@@ -472,10 +472,11 @@ ERROR_STATUSES = {
     401: "missing or wrong API key (send 'Authorization: Bearer <key>')",
     403: "a cross-site POST whose body is not JSON",
     404: "no such model (see GET /v1/models)",
-    408: "the request body did not arrive in time",
+    408: "the request's headers or body did not arrive in time",
     413: "the request body is too large",
     429: "the server is busy (every slot taken and the waiting queue full); retry after Retry-After seconds",
-    503: "the model is loading, failed to load, or the server is shutting down",
+    503: "the model is loading or failed to load, the server is shutting down, or it has all the connections "
+         "it takes",
 }
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
 
