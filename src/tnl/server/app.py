@@ -8,6 +8,8 @@ Middleware order, outermost first:
     BodyTimeoutMiddleware  408 when a body does not arrive within --body-timeout-s
     CORSMiddleware       only with --cors-origins (so even a 401 carries CORS headers)
     APIKeyMiddleware     only with --api-key; runs before the body is read
+    BodyLimitMiddleware  413 for a body over --max-body-mb, refused before or while it is read;
+                         499 for a client that leaves before its body is complete
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -83,6 +86,55 @@ class APIKeyMiddleware:
                    else "invalid API key")
         response = error_response(message, 401, None, {"WWW-Authenticate": "Bearer"})
         await response(scope, receive, send)
+
+
+class BodyNotRead(HTTPException):
+    """Raised from a route's receive() when its body is given up part-way. An HTTPException, so
+    that FastAPI's body parsing passes it on and the error handlers answer it in JSON."""
+
+
+class BodyLimitMiddleware:
+    """Request bodies read within bounds, on every route.
+
+    A body over `max_bytes` gets a 413 and the connection is closed: at once when its
+    Content-Length says so, before a byte of it is read; else (a chunked body) as soon as the bytes
+    received pass the limit, while the rest is still on its way. So no huge body is held in memory
+    or parsed. A client that leaves before its body is complete is a 499, not starlette's
+    ClientDisconnect (a 500 and a traceback) nor FastAPI's "error parsing the body" (a 400).
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def too_large(self, size: str) -> str:
+        return (f"the request body is {size}, more than this server's limit of {self.max_bytes / 2 ** 20:g} MiB "
+                f"(--max-body-mb)")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > self.max_bytes:
+            response = error_response(self.too_large(f"{int(length)} bytes"), 413, None, {"Connection": "close"})
+            return await response(scope, receive, send)
+        received = 0
+        complete = False
+
+        async def bounded_receive() -> Message:
+            nonlocal received, complete
+            message = await receive()
+            if complete:   # later messages: the disconnect that streams and Generation watch for
+                return message
+            if message["type"] == "http.disconnect":
+                raise BodyNotRead(499, "the client disconnected before its request body was complete")
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise BodyNotRead(413, self.too_large(f"over {received} bytes"), {"Connection": "close"})
+            complete = not message.get("more_body", False)
+            return message
+
+        await self.app(scope, bounded_receive, send)
 
 
 def host_name(value: str) -> str:
@@ -561,6 +613,7 @@ def build_app(engine, server_config: ServerConfig, *, load_engine: Callable[[], 
                             | {"/docs", app.swagger_ui_oauth2_redirect_url, app.openapi_url, "/favicon.ico"})
     app.mount("/static", StaticFiles(directory=routes_seed.STATIC_DIR, check_dir=False), name="static")
     allow_every_method(app, [*app.routes, *(route for router in routers for route in router.routes)])
+    app.add_middleware(BodyLimitMiddleware, max_bytes=server_config.max_body_mb * 2 ** 20)
     if server_config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=server_config.api_key)
     if server_config.cors_origins:

@@ -11,6 +11,16 @@ from dataclasses import dataclass, field, fields
 from tnl.args import add_model_args, checked, port, positive_int, seconds
 
 DEFAULT_PORT = 6006  # the seed tutorial's port (AutoDL maps it to the user's machine)
+# A linear-attention model has no context limit (its state has a fixed size), so what a prompt's
+# length costs is the server's time and host memory: prefill is linear in it (~2 x params FLOPs a
+# token: 1M tokens of a 7B model is ~14 PFLOP, tens of seconds of an H200 taken from every other
+# request's token budget) and its ids take ~36 bytes a token in Python (~36 MB per copy at 1M).
+# 1M tokens is far past real prompts (long documents, lm-eval tasks) and still bounds both.
+DEFAULT_MAX_PROMPT_TOKENS = 1_000_000
+# A parsed JSON body takes ~20x its size in memory, and parsing it holds the event loop. 8 MiB
+# holds a prompt of DEFAULT_MAX_PROMPT_TOKENS as text (~4 bytes a token) or as token ids (<= 7
+# bytes each in JSON); nginx's default is 1 MiB.
+DEFAULT_MAX_BODY_MB = 8
 
 
 @dataclass(frozen=True)
@@ -19,7 +29,10 @@ class ServerConfig:
 
     model: local checkpoint directory or hub id; None serves the bundled demo model.
     max_num_seqs, max_num_batched_tokens, max_waiting, max_prompt_tokens, async_scheduling: engine settings
-        (None keeps the engine's default; see tnl.config.EngineConfig).
+        (None keeps the engine's default; see tnl.config.EngineConfig), but max_prompt_tokens has the
+        server's own default, DEFAULT_MAX_PROMPT_TOKENS (None: no limit).
+    max_body_mb: the largest request body read, in MiB; a larger one gets a 413 as soon as its
+        Content-Length, or the bytes that arrived, say so.
     api_key: when set, every route except GET /health, the chat page and its static files needs
         `Authorization: Bearer <api_key>`.
     served_model_name: the name clients put in "model"; default: the basename of a local
@@ -53,7 +66,8 @@ class ServerConfig:
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     max_waiting: int | None = None
-    max_prompt_tokens: int | None = None
+    max_prompt_tokens: int | None = DEFAULT_MAX_PROMPT_TOKENS
+    max_body_mb: int = DEFAULT_MAX_BODY_MB
     async_scheduling: bool | None = None
     prefix_cache_dir: str | None = None         # snapshots also as state files there, found again at start
     prefix_cache_dir_gb: float | None = None    # that directory's cap (None: EngineConfig's)
@@ -121,8 +135,12 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="token budget of one engine step")
     parser.add_argument("--max-waiting", type=positive_int, default=None,
                         help="requests allowed to wait for a slot; more are refused with 429")
-    parser.add_argument("--max-prompt-tokens", type=positive_int, default=None,
-                        help="longest prompt accepted, in tokens (default: no limit)")
+    parser.add_argument("--max-prompt-tokens", type=positive_int, default=d.max_prompt_tokens,
+                        help=f"longest prompt accepted, in tokens (default {d.max_prompt_tokens}: the model has "
+                             f"no context limit; this bounds a prompt's prefill time and memory)")
+    parser.add_argument("--max-body-mb", type=positive_int, default=d.max_body_mb,
+                        help=f"largest request body accepted, in MiB; a larger one gets a 413 before it is read "
+                             f"(default {d.max_body_mb})")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                         help="queue each decode step before reading back the last one's tokens "
                              "(default: on for CUDA)")

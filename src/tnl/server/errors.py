@@ -13,6 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tnl.server.protocol import lone_surrogate
+
 log = logging.getLogger(__name__)
 
 ERROR_TYPES = {
@@ -36,9 +38,17 @@ class APIError(Exception):
         self.headers = headers
 
 
+def printable(text: str) -> str:
+    """`text` with what UTF-8 cannot carry (lone UTF-16 surrogates, which JSON can escape and
+    error messages echo) written as escapes: '\\ud800' shows as the six characters \\ud800."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(message: str, status: int, param: str | None = None) -> dict:
+    """The error JSON; it always renders, whatever the message echoes."""
     kind = ERROR_TYPES.get(status, "invalid_request_error" if 400 <= status < 500 else "internal_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return {"error": {"message": printable(message), "type": kind,
+                      "param": None if param is None else printable(param), "code": status}}
 
 
 def error_response(message: str, status: int = 400, param: str | None = None,
@@ -67,6 +77,8 @@ def _short(value, limit: int = 60) -> str:
         text = json.dumps(value, ensure_ascii=False, default=str)
     except (TypeError, ValueError):
         text = repr(value)
+    except RecursionError:   # JSON nested nearly as deep as json.loads goes
+        text = f"a {type(value).__name__} nested too deeply to show"
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -82,6 +94,8 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
             ctx = err.get("ctx") or {}
             return f"malformed JSON body: {ctx.get('error', err.get('msg'))}", None
         msg = err.get("msg", "invalid value")
+        if kind == "string_unicode":   # pydantic's own check of a constrained str; one message for both
+            msg = lone_surrogate(err.get("input")) or msg
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
         if kind == "missing":

@@ -7,7 +7,9 @@ clients send fields a server may not know; a known field with the wrong type is 
 """
 from __future__ import annotations
 
+import re
 import time
+from collections import deque
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
@@ -52,8 +54,43 @@ def exactly_one_of(*fields: str) -> dict:
                       for f in fields]}
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SCALARS = frozenset({int, float, bool, type(None)})
+
+
+def lone_surrogate(value: Any) -> str | None:
+    """What is wrong with `value` (a field's JSON value, searched through its lists and objects,
+    keys included) when a string in it holds a lone UTF-16 surrogate; None when none does. JSON
+    can escape one ("\\ud800"), but it is half of a character, not text: UTF-8 and the tokenizer
+    cannot take it. A loop, not recursion: the value may be nested as deep as json.loads goes."""
+    todo = deque([(value, "")])   # breadth first: the shallowest one is named
+    while todo:
+        item, path = todo.popleft()
+        if isinstance(item, str):
+            m = None if item.isascii() else _SURROGATE.search(item)
+            if m is not None:
+                return (f"{path + ': ' if path else ''}a lone UTF-16 surrogate (\\u{ord(m.group()):04x}) at "
+                        f"character {m.start()} is not text: in JSON a \\ud800-\\udbff escape must be "
+                        f"followed by a \\udc00-\\udfff one")
+        elif isinstance(item, dict):
+            todo.extend((k, path) for k in item)
+            todo.extend((v, f"{path}.{k}" if path else str(k)) for k, v in item.items())
+        elif isinstance(item, list) and not _SCALARS.issuperset(map(type, item)):   # (fast for token ids)
+            todo.extend((x, f"{path}[{i}]") for i, x in enumerate(item) if isinstance(x, (str, dict, list)))
+    return None
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @field_validator("*")
+    @classmethod
+    def _text(cls, v):
+        """Every string a client sends must be text: one check for every field, nested ones included."""
+        problem = lone_surrogate(v)
+        if problem is not None:
+            raise ValueError(problem)
+        return v
 
 
 class StreamOptions(_Request):

@@ -119,7 +119,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     state.require_engine()
     state.check_model(body.model)
     messages = [m.as_template_message() for m in body.messages]
-    ids = state.encode_chat(messages, "messages", body.add_generation_prompt)
+    ids = await state.encode_chat(messages, "messages", body.add_generation_prompt)
     max_tokens = body.max_completion_tokens or body.max_tokens or CHAT_DEFAULT_MAX_TOKENS
     top_k = (body.top_logprobs or 0) if body.logprobs else None
     samples = [_params(body, max_tokens, j, logprobs=top_k) for j in range(body.n)]
@@ -300,7 +300,7 @@ async def completions(body: CompletionRequest, request: Request):
     params = [f"prompt[{i}]" if multi else "prompt" for i in range(len(body.prompt))]
     for p, param in zip(body.prompt, params):
         if isinstance(p, str):
-            ids = state.encode_text(p, param)
+            ids = await state.encode_text(p, param)
             prompt_texts.append(p)
         else:
             ids = list(p)

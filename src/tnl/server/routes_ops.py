@@ -44,10 +44,10 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     state = get_state(request)
     state.check_model(body.model)
     if body.messages is not None:
-        ids = state.encode_chat([m.as_template_message() for m in body.messages], "messages",
-                                body.add_generation_prompt)
+        ids = await state.encode_chat([m.as_template_message() for m in body.messages], "messages",
+                                      body.add_generation_prompt)
     else:
-        ids = state.tokenizer("prompt").encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        ids = await state.encode_text(body.prompt, "prompt", body.add_special_tokens, allow_empty=True)
     return TokenizeResponse(tokens=ids, count=len(ids))
 
 

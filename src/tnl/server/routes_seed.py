@@ -52,6 +52,9 @@ async def seed_generate(request: Request):
     state = get_state(request)
     try:
         raw = await request.json()
+    except RecursionError:   # json.loads recurses once per level of nesting
+        raise APIError('malformed JSON body: nested too deeply; send a JSON object like {"prompt": "你好"}',
+                       400) from None
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(f'malformed JSON body ({e}); send a JSON object like {{"prompt": "你好"}}', 400) from None
     if not isinstance(raw, dict):
@@ -63,7 +66,7 @@ async def seed_generate(request: Request):
         raise APIError(message, 400, param) from None
     state.require_engine()
     messages = body.messages()
-    ids = state.encode_chat(messages, "prompt")
+    ids = await state.encode_chat(messages, "prompt")
     params = sampling_params(dict(max_tokens=body.max_new_tokens, temperature=body.temperature, top_p=body.top_p))
     gen = Generation(state, request, [ids], [params], request.state.request_id)
     await gen.start()

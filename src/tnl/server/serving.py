@@ -104,18 +104,29 @@ class ServerState:
     def vocab_size(self) -> int:
         return self.require_engine().model_config.vocab_size
 
-    def encode_text(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
-        if text == "":
+    async def encode_text(self, text: str, param: str, add_special_tokens: bool = True,
+                          allow_empty: bool = False) -> list[int]:
+        """Text -> ids, in a worker thread (see encode_chat). Empty text is refused unless
+        `allow_empty` (POST /tokenize, where "" is [BOS])."""
+        if text == "" and not allow_empty:
             raise APIError(f"{param} is empty", 400, param)
-        return self.tokenizer(param).encode(text, add_special_tokens=add_special_tokens)
+        tok = self.tokenizer(param)
+        return await asyncio.to_thread(tok.encode, text, add_special_tokens=add_special_tokens)
 
-    def encode_chat(self, messages: list[dict[str, str]], param: str,
-                    add_generation_prompt: bool = True) -> list[int]:
+    async def encode_chat(self, messages: list[dict[str, str]], param: str,
+                          add_generation_prompt: bool = True) -> list[int]:
         """Chat template -> ids, exactly as the offline `LLM.chat` does (a BOS is added unless
-        the template already starts with one)."""
+        the template already starts with one).
+
+        Tokenizing runs in a worker thread (asyncio's default pool), not on the event loop: a
+        prompt of megabytes takes seconds, and GET /health and running streams must not wait for
+        it. SentencePiece is safe to call from several threads at once and releases the GIL while
+        it encodes (google/sentencepiece #657, #1251); a Jinja template renders into a new context
+        on each call."""
         tok = self.tokenizer(param)
         try:
-            return tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+            return await asyncio.to_thread(tok.apply_chat_template, messages,
+                                           add_generation_prompt=add_generation_prompt, tokenize=True)
         except ValueError as e:  # the template's raise_exception(), or a message it cannot render
             raise APIError(f"{param}: {e}", 400, param) from None
 
