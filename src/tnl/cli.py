@@ -7,6 +7,7 @@ import logging
 import sys
 
 from tnl.args import add_chat_args, add_model_args
+from tnl.kernels.config import add_kernel_args
 
 DESCRIPTION = """\
 tnl serves TransNormerLLM, a linear-attention LLM whose per-sequence memory is a fixed-size
@@ -47,10 +48,11 @@ def _sampling_params(a):
 
 def _engine(a, max_num_seqs: int = 4):
     from tnl.config import engine_config
+    from tnl.kernels.config import kernel_config_from_args
     from tnl.loading import build_engine
     return build_engine(a.model, a.device, a.dtype, engine_config(max_num_seqs=max_num_seqs),
                         a.chat_template, a.source, a.cache_dir, a.revision, progress=sys.stderr.isatty(),
-                        threads=a.threads)
+                        threads=a.threads, kernel_config=kernel_config_from_args(a))
 
 
 def _system(a) -> list[dict]:
@@ -173,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate a continuation of PROMPT and stream it to stdout.")
     add_model_args(g)
     add_chat_args(g)
+    add_kernel_args(g)
     g.add_argument("prompt", nargs="?", default="", help="the prompt text")
     g.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of text")
     g.add_argument("--chat", action="store_true",
@@ -185,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Chat in the terminal with streaming replies; the history is kept.")
     add_model_args(c)
     add_chat_args(c)
+    add_kernel_args(c)
     _sampling_args(c, 512)
     c.set_defaults(func=cmd_chat)
 

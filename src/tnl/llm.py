@@ -22,9 +22,11 @@ class LLM:
                  chat_template: str | None = None, source: str = "modelscope", cache_dir: str | None = None,
                  revision: str | None = None, cuda_graphs: bool = True, progress: bool = True,
                  threads: int | None = None, kernel_config: KernelConfig | None = None,
+                 enable_prefix_caching: bool = True, prefix_cache_gb: float | None = None,
                  prefix_cache_dir: str | None = None, prefix_cache_dir_gb: float | None = None):
         ec = engine_config(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                           max_waiting=1 << 30, cuda_graphs=cuda_graphs, prefix_cache_dir=prefix_cache_dir,
+                           max_waiting=1 << 30, cuda_graphs=cuda_graphs, enable_prefix_caching=enable_prefix_caching,
+                           prefix_cache_gb=prefix_cache_gb, prefix_cache_dir=prefix_cache_dir,
                            prefix_cache_dir_gb=prefix_cache_dir_gb)
         self.engine = build_engine(model, device, dtype, ec, chat_template, source, cache_dir, revision, progress,
                                    threads=threads, kernel_config=kernel_config)
@@ -45,6 +47,10 @@ class LLM:
         per prompt, in order."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
+        return self._run([self._encode(p) for p in prompts], sampling_params)
+
+    def _run(self, prompts: list[tuple[list[int], str | None]], sampling_params, boundaries=None) -> list[RequestOutput]:
+        """(ids, text) prompts through the engine; boundaries: per prompt, its chat message ends."""
         params = sampling_params or SamplingParams()
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
@@ -52,9 +58,8 @@ class LLM:
         eng = self.engine
         reqs = []
         try:
-            for p, sp in zip(prompts, plist):
-                ids, text = self._encode(p)
-                reqs.append(eng.add_request(ids, sp, prompt=text))
+            for (ids, text), sp, b in zip(prompts, plist, boundaries or [None] * len(prompts)):
+                reqs.append(eng.add_request(ids, sp, prompt=text, boundaries=b))
             while any(not r.finished for r in reqs):
                 eng.step()
             return [eng.final_output(r) for r in reqs]
@@ -77,7 +82,8 @@ class LLM:
         tok = self.tokenizer
         prompts = [tok.apply_chat_template(c, add_generation_prompt=add_generation_prompt) for c in convs]
         ids = [tok.apply_chat_template(c, add_generation_prompt=add_generation_prompt, tokenize=True) for c in convs]
-        outs = self.generate(ids, sampling_params)
+        boundaries = [tok.chat_boundaries(c, i) for c, i in zip(convs, ids)]
+        outs = self._run([(i, None) for i in ids], sampling_params, boundaries)
         for o, p in zip(outs, prompts):
             o.prompt = p
         return outs

@@ -44,6 +44,7 @@ class Job:
     params: SamplingParams
     request_id: str
     sink: Sink   # gets each output delta, the last one finished, or the exception that ended it
+    boundaries: list[int] | None = None   # prompt lengths worth a prompt-state snapshot (LLMEngine.add_request)
 
 
 class EngineClient(Protocol):
@@ -58,7 +59,7 @@ class EngineClient(Protocol):
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None: ...
 
     def submit(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, sink: Sink,
-               client: str = "") -> None: ...
+               boundaries: list[int] | None = None, client: str = "") -> None: ...
 
     def submit_group(self, jobs: list[Job], client: str = "", validate: bool = True) -> None: ...
 
@@ -148,9 +149,9 @@ class AsyncEngine:
         self.engine.validate(prompt_token_ids, params)
 
     def submit(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, sink: Sink,
-               client: str = "") -> None:
+               boundaries: list[int] | None = None, client: str = "") -> None:
         """Queue one request: `submit_group` of one job."""
-        self.submit_group([Job(prompt_token_ids, params, request_id, sink)], client)
+        self.submit_group([Job(prompt_token_ids, params, request_id, sink, boundaries)], client)
 
     def submit_group(self, jobs: list[Job], client: str = "", validate: bool = True) -> None:
         """Queue the requests of one caller's request (an HTTP request's n × prompts) all
@@ -197,7 +198,7 @@ class AsyncEngine:
             group = _Group(client, ids)
             for job in jobs:
                 self._queued[job.request_id] = group
-                self._inbox.put(("add", job.request_id, list(job.prompt_token_ids), job.params))
+                self._inbox.put(("add", job.request_id, list(job.prompt_token_ids), job.params, job.boundaries))
             self._held[client] = self._held.get(client, 0) + len(jobs)
             self._groups.setdefault(client, []).append(group)
         self._wake.set()
@@ -374,9 +375,9 @@ class AsyncEngine:
             except queue.Empty:
                 break
             if msg[0] == "add":
-                _, rid, ids, params = msg
-                try:
-                    eng.add_request(ids, params, request_id=rid, validate=False)   # (submit checked it)
+                _, rid, ids, params, boundaries = msg
+                try:   # (submit checked it)
+                    eng.add_request(ids, params, request_id=rid, validate=False, boundaries=boundaries)
                 except (InvalidRequest, QueueFullError) as e:
                     with self._lock:
                         self._unqueue(rid)

@@ -26,7 +26,7 @@ from tnl.model.transnormer import TransnormerForCausalLM
 log = logging.getLogger(__name__)
 
 CPU_DEFAULT_SLOTS = 16
-CPU_PREFIX_CACHE_BYTES = 1 << 30
+CPU_PREFIX_CACHE_BYTES = 10**9   # "1 GB" on CPU
 COUNTERS = {"steps": 0, "prefill_steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "device_busy_s": 0.0,
             "prefill_step_busy_s": 0.0}
 GPU_MAX_SLOTS = 512
@@ -206,12 +206,25 @@ class EngineCore:
         behind the step that computed it (so no sync, and correct though the slot is reused
         later). logits_of: id(request) -> its row of this step's logits, for the prompt ends."""
         snaps, self.scheduler.snapshots = self.scheduler.snapshots, []
+        todo = []   # (ids, slot, logits row or None)
         for r, k in snaps:
             ids = (r.prompt_token_ids + r.output_token_ids)[:k]
-            if self.prefix_cache.get(ids) is not None and (k != r.num_prompt or not logits_of):
-                continue
             row = logits_of.get(id(r)) if logits_of and k == r.num_prompt else None
-            state, logits = self.runner.pool.snapshot(r.slot), row.clone() if row is not None else None
+            old = self.prefix_cache.get(ids)
+            if old is not None and (row is None or old.logits is not None):
+                continue
+            todo.append((ids, r.slot, row))
+        if not todo:
+            return
+        # One copy per layer for all of this step's snapshots (and one for their logits): at 256
+        # sequences finishing together, a clone per slot and layer cost ~0.7 ms per snapshot in
+        # launches and allocations (H200, 7B: decode batch 256 at 0.84 of its speed without them).
+        # The snapshots are views of these copies, which live until their last view is evicted.
+        states = self.runner.pool.snapshot_many([slot for _, slot, _ in todo])
+        rows = [i for i, (_, _, row) in enumerate(todo) if row is not None]
+        kept = dict(zip(rows, torch.stack([todo[i][2] for i in rows]).unbind(0))) if rows else {}
+        for i, (ids, _, _) in enumerate(todo):
+            state, logits = states[i], kept.get(i)
             self.prefix_cache.insert(ids, state, logits, self.entry_bytes())
             if self.state_dir is not None:
                 self._persist(ids, state, logits)

@@ -50,6 +50,21 @@ class StatePool:
         """A copy of one slot's state (prompt caching, saved conversations)."""
         return [t[slot].clone() for t in self.layers]
 
+    def snapshot_many(self, slots: list[int]) -> list[list[torch.Tensor]]:
+        """snapshot() of several slots with one copy per layer: per slot, per layer a view
+        [H, dk, dv] into that layer's copy [len(slots), H, dk, dv]."""
+        idx = torch.tensor(slots, device=self.layers[0].device)
+        copies = [t.index_select(0, idx) for t in self.layers]
+        return [list(views) for views in zip(*(c.unbind(0) for c in copies))]
+
+    def restore_many(self, slots: list[int], states: list[list[torch.Tensor]]) -> None:
+        """restore() of several slots, two copies per layer."""
+        if len(slots) == 1:
+            return self.restore(slots[0], states[0])
+        idx = torch.tensor(slots, device=self.layers[0].device)
+        for i, t in enumerate(self.layers):
+            t.index_copy_(0, idx, torch.stack([s[i] for s in states]))
+
     def restore(self, slot: int, state: list[torch.Tensor]) -> None:
         for t, s in zip(self.layers, state):
             t[slot].copy_(s)
@@ -151,8 +166,8 @@ class ModelRunner:
         hits = {r.slot: r.cache_hit.state for r, _ in batch.prefill if r.cache_hit is not None}
         hits.update((r.slot, r.cache_hit.state) for r in batch.cached)
         self.pool.zero([s for s in batch.new_slots if s not in hits])
-        for slot, state in hits.items():
-            self.pool.restore(slot, state)
+        if hits:
+            self.pool.restore_many(list(hits), list(hits.values()))
         cached_logits = [r.cache_hit.logits for r in batch.cached]
         for r, _ in batch.prefill:
             r.cache_hit = None

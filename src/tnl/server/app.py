@@ -103,20 +103,27 @@ class BodyLimitMiddleware:
     ClientDisconnect (a 500 and a traceback) nor FastAPI's "error parsing the body" (a 400).
     """
 
+    # A state file is the one body that is large by nature (65 MB for a 7B): its route checks the
+    # exact size a state of the served model can have before parsing (routes_state.py).
+    STATE_IMPORT_PATH, STATE_IMPORT_MAX_BYTES = "/v1/state/import", 1 << 30
+
     def __init__(self, app: ASGIApp, max_bytes: int):
         self.app = app
         self.max_bytes = max_bytes
 
-    def too_large(self, size: str) -> str:
-        return (f"the request body is {size}, more than this server's limit of {self.max_bytes / 2 ** 20:g} MiB "
+    def too_large(self, size: str, limit: int) -> str:
+        return (f"the request body is {size}, more than this server's limit of {limit / 2 ** 20:g} MiB "
                 f"(--max-body-mb)")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = max(self.max_bytes, self.STATE_IMPORT_MAX_BYTES) if scope["path"] == self.STATE_IMPORT_PATH \
+            else self.max_bytes
         length = Headers(scope=scope).get("content-length", "")
-        if length.isdigit() and int(length) > self.max_bytes:
-            response = error_response(self.too_large(f"{int(length)} bytes"), 413, None, {"Connection": "close"})
+        if length.isdigit() and int(length) > limit:
+            response = error_response(self.too_large(f"{int(length)} bytes", limit), 413, None,
+                                      {"Connection": "close"})
             return await response(scope, receive, send)
         received = 0
         complete = False
@@ -129,8 +136,8 @@ class BodyLimitMiddleware:
             if message["type"] == "http.disconnect":
                 raise BodyNotRead(499, "the client disconnected before its request body was complete")
             received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise BodyNotRead(413, self.too_large(f"over {received} bytes"), {"Connection": "close"})
+            if received > limit:
+                raise BodyNotRead(413, self.too_large(f"over {received} bytes", limit), {"Connection": "close"})
             complete = not message.get("more_body", False)
             return message
 
@@ -408,7 +415,8 @@ class AccessLogMiddleware:
         ms = (time.monotonic() - state["start_time"]) * 1000
         client = scope.get("client")
         line = (f"{rid} {client[0] if client else '-'} {scope['method']} {scope['path']} {code} "
-                f"in={state.get('tokens_in', 0)} out={state.get('tokens_out', 0)} {ms:.1f}ms")
+                f"in={state.get('tokens_in', 0)} cached={state.get('tokens_cached', 0)} out={state.get('tokens_out', 0)} "
+                f"{ms:.1f}ms")
         if state.get("aborted"):
             line += " aborted"  # the client left (or the shutdown grace ran out) before the end
         if self.log_prompts and "log_prompt" in state:

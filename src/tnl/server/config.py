@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field, fields
 
 from tnl.args import add_model_args, checked, port, positive_int, seconds
+from tnl.kernels.config import KernelConfig, add_kernel_args, kernel_config_from_args
 
 DEFAULT_PORT = 6006  # the seed tutorial's port (AutoDL maps it to the user's machine)
 # A linear-attention model has no context limit (its state has a fixed size), so what a prompt's
@@ -69,6 +70,9 @@ class ServerConfig:
     max_prompt_tokens: int | None = DEFAULT_MAX_PROMPT_TOKENS
     max_body_mb: int = DEFAULT_MAX_BODY_MB
     async_scheduling: bool | None = None
+    enable_prefix_caching: bool | None = None   # the prompt-state cache (None: on)
+    kernel_config: KernelConfig = field(default_factory=KernelConfig)   # the kernels the model runs
+    prefix_cache_gb: float | None = None
     prefix_cache_dir: str | None = None         # snapshots also as state files there, found again at start
     prefix_cache_dir_gb: float | None = None    # that directory's cap (None: EngineConfig's)
     api_key: str | None = None
@@ -102,7 +106,7 @@ class ServerConfig:
 
         return engine_config(**{name: getattr(self, name) for name in (
             "max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_prompt_tokens", "async_scheduling",
-            "prefix_cache_dir", "prefix_cache_dir_gb")})
+            "enable_prefix_caching", "prefix_cache_gb", "prefix_cache_dir", "prefix_cache_dir_gb")})
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "ServerConfig":
@@ -113,7 +117,12 @@ class ServerConfig:
             items = vals.pop(name, None)
             if items is not None:
                 vals[name] = tuple(o.strip() for item in items for o in item.split(",") if o.strip())
+        vals["kernel_config"] = kernel_config_from_args(ns)
         return cls(**vals)
+
+
+def _gigabytes(text: str) -> float:
+    return checked(text, float, "gigabytes", lambda v: v >= 0, "expected gigabytes >= 0, got {text}")
 
 
 def _positive_gigabytes(text: str) -> float:
@@ -144,6 +153,13 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                         help="queue each decode step before reading back the last one's tokens "
                              "(default: on for CUDA)")
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                        help="the prompt-state cache: snapshots of the recurrent state at exact token "
+                             "boundaries (message ends, prompt ends, generation ends) that later prompts "
+                             "starting with those tokens continue from (default: on)")
+    parser.add_argument("--prefix-cache-gb", type=_gigabytes, default=None,
+                        help="the prompt-state cache's budget (default: half the GPU memory free after the "
+                             "state slots; 1 GB on CPU)")
     parser.add_argument("--prefix-cache-dir", default=None, metavar="DIR",
                         help="also write the prompt-state cache's snapshots to DIR as state files, and load "
                              "this model's files found there at start (a restarted server keeps its cache)")
@@ -180,4 +196,5 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help=f"open connections at most; more get a 503 (default {d.max_connections})")
     parser.add_argument("--log-level", default=d.log_level,
                         choices=["debug", "info", "warning", "error"], help="log level (default info)")
+    add_kernel_args(parser)
     return parser

@@ -251,7 +251,8 @@ def serve(config: ServerConfig) -> int:
         log.info("loading %s on %s (%s)", config.model or "the bundled demo model", config.device, config.dtype)
         return AsyncEngine(build_engine(path, device=config.device, dtype=config.dtype,
                                         engine_config=config.engine_config(),
-                                        chat_template_file=config.chat_template, threads=config.threads))
+                                        chat_template_file=config.chat_template, threads=config.threads,
+                                        kernel_config=config.kernel_config))
 
     server: uvicorn.Server | None = None
 

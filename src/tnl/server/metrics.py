@@ -23,6 +23,8 @@ class _EngineStatsCollector:
         ("tnl_num_requests_waiting", "Requests waiting for a state slot", "waiting"),
         ("tnl_state_slots_used", "State-pool slots in use", "slots_used"),
         ("tnl_state_slots_total", "State-pool slots in all", "slots_total"),
+        ("tnl_prefix_cache_entries", "Prompt-state snapshots held by the cache", "prefix_cache_entries"),
+        ("tnl_prefix_cache_bytes", "Bytes held by the prompt-state cache's snapshots", "prefix_cache_bytes"),
     )
 
     COUNTERS = (
@@ -36,6 +38,13 @@ class _EngineStatsCollector:
         ("tnl_engine_prefill_step_device_seconds", "Device time of the steps that computed prompt tokens",
          "prefill_step_busy_s"),
         ("tnl_engine_idle_seconds", "Time the engine thread waited with no request to run", "idle_s"),
+        ("tnl_prefix_cache_queries", "Prompts looked up in the prompt-state cache", "prefix_cache_queries"),
+        ("tnl_prefix_cache_hits", "Lookups that found a cached prefix", "prefix_cache_hits"),
+        ("tnl_prefix_cache_query_tokens", "Prompt tokens of the prompts looked up", "prefix_cache_query_tokens"),
+        ("tnl_prefix_cache_hit_tokens", "Prompt tokens taken from the cache instead of computed",
+         "prefix_cache_hit_tokens"),
+        ("tnl_prefix_cache_evictions", "Snapshots evicted to stay within the cache's budget",
+         "prefix_cache_evictions"),
     )
 
     def __init__(self, stats: Callable[[], dict | None]):

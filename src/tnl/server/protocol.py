@@ -355,10 +355,15 @@ class SeedResponse(BaseModel):
     time: str = Field(..., description="local time, 'YYYY-MM-DD HH:MM:SS'")
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(0, description="prompt tokens taken from the prompt-state cache, not computed")
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class TopLogprob(BaseModel):

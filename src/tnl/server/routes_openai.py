@@ -6,6 +6,7 @@ logprobs counts characters of the `tokens` strings (as vLLM does), not of the de
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -21,6 +22,7 @@ from tnl.server.protocol import (CHAT_DEFAULT_MAX_TOKENS, AssistantMessage, Chat
                                  ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                                  ChatLogprobs, ChatTokenLogprob, CompletionChoice, CompletionLogprobs,
                                  CompletionRequest, CompletionResponse, DeltaMessage, ModelCard, ModelList,
+                                 PromptTokensDetails,
                                  SamplingFields, TopLogprob, UsageInfo, error_responses, sse_content)
 from tnl.server.serving import EventStream, Generation, ServerState, get_state, sampling_params
 
@@ -71,7 +73,8 @@ def _params(body: SamplingFields, max_tokens: int, n_index: int, **extra) -> Sam
 
 def _usage(gen: Generation) -> UsageInfo:
     prompt, completion = gen.num_prompt_tokens, gen.num_generated_tokens
-    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=gen.num_cached_tokens))
 
 
 def _include_usage(body: SamplingFields) -> bool:
@@ -126,7 +129,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if state.config.log_prompts:
         _remember(request, prompt=repr(messages))
     rid = request.state.request_id
-    gen = Generation(state, request, [ids], samples, rid, ["messages"])
+    boundaries = await asyncio.to_thread(state.tokenizer("messages").chat_boundaries, messages, ids)
+    gen = Generation(state, request, [ids], samples, rid, ["messages"], [boundaries])
     await gen.start()
     created = int(time.time())
     model = state.model_name

@@ -8,6 +8,7 @@ and generation is greedy with max_new_tokens=512, as the tutorial's `model.gener
 """
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import os
@@ -68,7 +69,8 @@ async def seed_generate(request: Request):
     messages = body.messages()
     ids = await state.encode_chat(messages, "prompt")
     params = sampling_params(dict(max_tokens=body.max_new_tokens, temperature=body.temperature, top_p=body.top_p))
-    gen = Generation(state, request, [ids], [params], request.state.request_id)
+    boundaries = await asyncio.to_thread(state.tokenizer("prompt").chat_boundaries, messages, ids)
+    gen = Generation(state, request, [ids], [params], request.state.request_id, boundaries=[boundaries])
     await gen.start()
     parts = [out.outputs[0].text async for _, out in gen.outputs()]
     response = "".join(parts)

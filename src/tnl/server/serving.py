@@ -187,21 +187,25 @@ class Generation:
     """
 
     def __init__(self, state: ServerState, request: Request, prompts: list[list[int]],
-                 samples: list[SamplingParams], request_id: str, prompt_params: list[str] | None = None):
+                 samples: list[SamplingParams], request_id: str, prompt_params: list[str] | None = None,
+                 boundaries: list[list[int]] | None = None):
         """prompt_params: the request field each prompt came from ("messages", "prompt[1]"), which
-        an engine refusal of that prompt names; default "prompt"."""
+        an engine refusal of that prompt names; default "prompt". boundaries: per prompt, the
+        token counts where its chat messages end (prompt-state cache snapshots)."""
         self.state = state
         self.engine = state.require_engine()
         self.request = request
         self.request_id = request_id
         self.jobs = [(ids, params) for ids in prompts for params in samples]
         self.job_params = [param for param in (prompt_params or ["prompt"] * len(prompts)) for _ in samples]
+        self.job_boundaries = [b for b in (boundaries or [None] * len(prompts)) for _ in samples]
         self.client = client_key(state, request)
         self.metrics = state.metrics
         self.num_prompt_tokens = sum(len(ids) for ids in prompts)  # usage counts each prompt once
         self.num_prompts = len(prompts)
         self.prompt_tokens = [len(ids) for ids, _ in self.jobs]
         self.generated = [0] * len(self.jobs)
+        self.cached = [0] * len(self.jobs)   # prompt tokens each engine request took from the prompt-state cache
         self.finished = [False] * len(self.jobs)
         self._queue: asyncio.Queue = asyncio.Queue()
         self._watcher: asyncio.Task | None = None
@@ -218,6 +222,13 @@ class Generation:
     @property
     def num_generated_tokens(self) -> int:
         return sum(self.generated)
+
+    @property
+    def num_cached_tokens(self) -> int:
+        """Prompt tokens not computed, counting each prompt once (as usage counts prompts): the
+        fewest of its samples (n samples of a prompt: one computes it, the others copy its state)."""
+        per_prompt = len(self.jobs) // self.num_prompts if self.num_prompts else 1
+        return sum(min(self.cached[i:i + per_prompt]) for i in range(0, len(self.jobs), per_prompt))
 
     def engine_id(self, k: int) -> str:
         return f"{self.request_id}-{k}"
@@ -254,7 +265,7 @@ class Generation:
             except InvalidRequest as e:
                 self._check(e, k)
         put = self._queue.put_nowait
-        jobs = [Job(ids, params, self.engine_id(k), lambda item, k=k: put((k, item)))
+        jobs = [Job(ids, params, self.engine_id(k), lambda item, k=k: put((k, item)), self.job_boundaries[k])
                 for k, (ids, params) in enumerate(self.jobs)]
         try:
             self.engine.submit_group(jobs, self.client, validate=False)
@@ -328,6 +339,9 @@ class Generation:
         now = time.monotonic()
         new = len(out.outputs[0].token_ids) if out.outputs else 0
         m = out.metrics
+        if out.num_cached_tokens:
+            self.cached[k] = out.num_cached_tokens
+            self._scope_state["tokens_cached"] = self.num_cached_tokens
         if self.generated[k] == 0 and new:
             if m is not None and m.first_token_time is not None:
                 self.metrics.ttft.observe(max(0.0, m.first_token_time - m.arrival_time))
