@@ -7,7 +7,8 @@
 # the A/B of the Triton decode matmuls), ab (fused decode layers and PDL on/off: AB_COMBOS, each
 # combo a set of tnl bench kernel flags; AB_REPEAT, AB_BATCH), profile, http (offline batch 64 then `tnl serve` under 64 (HTTP_MODES, HTTP_REPEAT, HTTP_PROCS)
 # streaming clients, same call), httpab (HTTP A/B of server variants with the engine's counters),
-# serve (load from disk + start-up + HTTP), gemm (kernel sweep),
+# serve (load from disk + start-up + HTTP), gemm (kernel sweep), multiturn (the prompt-state
+# cache's chat workload, cache on and off: MT_ARGS, MT_TIMEOUT),
 # demo (train the demo model).
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -62,6 +63,18 @@ PY
     python3 -m tnl.cli bench --model random-7b --skinny-gemm off --batch-sizes 1 64 256 --prompt-len 128 \
       --output-len 64 --prefill-len --context-lens --json "$OUT/bench_cublas.json" 2>&1 \
       | tee "$OUT/bench_cublas.txt" | grep -v INFO ;;
+  multiturn)
+    # the prompt-state cache's workload (benchmarks/multiturn.py), with the cache on, then off
+    for variant in on off; do
+      flag=; [ "$variant" = off ] && flag=--no-enable-prefix-caching
+      python3 -m tnl.cli serve --model random-7b --port 8125 --max-num-seqs 64 $flag > "$OUT/serve_mt_$variant.log" 2>&1 &
+      SP=$!
+      until curl -sf http://127.0.0.1:8125/health >/dev/null; do sleep 0.2; kill -0 $SP 2>/dev/null || break; done
+      timeout "${MT_TIMEOUT:-240}" python3 benchmarks/multiturn.py --url http://127.0.0.1:8125 --vocab 64000 \
+        ${MT_ARGS:---conversations 32 --turns 8 --system-len 4096 --turn-len 200 --output-len 200} \
+        --json "$OUT/multiturn_$variant.json" 2>&1 | tee "$OUT/multiturn_$variant.txt" | tail -20
+      kill -TERM $SP; wait $SP
+    done ;;
   http)
     python3 -m tnl.cli bench --model random-7b --batch-sizes 64 --prompt-len 128 --output-len 128 --prefill-len \
       --context-lens --json "$OUT/bench64.json" 2>&1 | grep -v INFO | tail -3 | tee "$OUT/http.txt"
