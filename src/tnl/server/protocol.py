@@ -12,10 +12,23 @@ import time
 from collections import deque
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 
 from tnl.config import DEFAULT_SYSTEM_PROMPT
-from tnl.engine.sampling_params import MAX_LOGPROBS, MAX_STOP_CHARS, MAX_STOPS, MAX_TOKENS_CAP
+from tnl.engine.sampling_params import (
+    MAX_LOGPROBS,
+    MAX_STOP_CHARS,
+    MAX_STOPS,
+    MAX_TOKENS_CAP,
+)
 
 # MAX_TOKENS_CAP (1,000,000): a max_tokens above it is a mistake, not a plan; it is refused
 # (400) rather than clamped, so a client bug shows up at once.
@@ -26,7 +39,7 @@ MAX_N = 128                          # choices per request (OpenAI's limit)
 
 # A token id in a request. Its upper bound (below the model's vocab_size) is known only once the
 # model is loaded: the app puts it into /openapi.json then, at every schema carrying this key
-# (tnl.server.app.fill_in_server).
+# (tnl.server.openapi.fill_in_server).
 TOKEN_ID_KEY = "x-tnl-token-id"
 TOKEN_ID = {"type": "integer", "minimum": 0, TOKEN_ID_KEY: True}
 # A request's "model": the app puts the served model's name into /openapi.json at this key's schemas.

@@ -18,13 +18,37 @@ from pydantic import BaseModel
 
 from tnl.engine import RequestOutput, SamplingParams
 from tnl.server.errors import APIError, error_body
-from tnl.server.protocol import (CHAT_DEFAULT_MAX_TOKENS, AssistantMessage, ChatChoice, ChatChunkChoice,
-                                 ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-                                 ChatLogprobs, ChatTokenLogprob, CompletionChoice, CompletionLogprobs,
-                                 CompletionRequest, CompletionResponse, DeltaMessage, ModelCard, ModelList,
-                                 PromptTokensDetails,
-                                 SamplingFields, TopLogprob, UsageInfo, error_responses, sse_content)
-from tnl.server.serving import EventStream, Generation, ServerState, get_state, sampling_params
+from tnl.server.protocol import (
+    CHAT_DEFAULT_MAX_TOKENS,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ModelCard,
+    ModelList,
+    PromptTokensDetails,
+    SamplingFields,
+    TopLogprob,
+    UsageInfo,
+    error_responses,
+    sse_content,
+)
+from tnl.server.serving import (
+    EventStream,
+    Generation,
+    ServerState,
+    get_state,
+    sampling_params,
+)
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["OpenAI"])

@@ -6,8 +6,15 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from tnl.server.errors import APIError
-from tnl.server.protocol import (DetokenizeRequest, DetokenizeResponse, HealthResponse, TokenizeRequest,
-                                 TokenizeResponse, TokenizerInfoResponse, error_responses)
+from tnl.server.protocol import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    HealthResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfoResponse,
+    error_responses,
+)
 from tnl.server.serving import get_state
 
 router = APIRouter(tags=["operations"])

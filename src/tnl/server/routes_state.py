@@ -17,11 +17,28 @@ import logging
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 
 from tnl.server.errors import APIError
-from tnl.server.protocol import (NULL, TOKEN_ID, ChatMessage, ErrorResponse, _model, _Request, _strict, error_responses,
-                                 exactly_one_of)
+from tnl.server.protocol import (
+    NULL,
+    TOKEN_ID,
+    ChatMessage,
+    ErrorResponse,
+    _model,
+    _Request,
+    _strict,
+    error_responses,
+    exactly_one_of,
+)
 from tnl.server.serving import Generation, get_state, sampling_params
 
 log = logging.getLogger(__name__)

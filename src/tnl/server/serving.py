@@ -19,9 +19,9 @@ from starlette.types import Receive, Scope, Send
 
 from tnl.engine.async_engine import EngineClient, Job
 from tnl.engine.errors import InvalidRequest, QueueFullError
+from tnl.engine.output import merge_deltas
 from tnl.engine.request import RequestOutput
 from tnl.engine.sampling_params import SamplingParams
-from tnl.engine.output import merge_deltas
 from tnl.server.config import ServerConfig
 from tnl.server.errors import APIError
 from tnl.server.metrics import ServerMetrics
