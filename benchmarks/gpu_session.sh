@@ -2,7 +2,7 @@
 # One device session: GPU tests, the anchor ceilings, `tnl bench`, and (phase "serve") load
 # time, server start-up and HTTP load. Results go to $OUT (default ./out).
 #   bash benchmarks/gpu_session.sh tests bench sync profile http gemm   # or: serve, demo
-# Phases: tests (tests/test_cuda.py, test_triton_gemm.py), bench (anchor_bench + tnl bench),
+# Phases: tests (tests/kernels/: test_cuda.py, test_triton_gemm.py), bench (anchor_bench + tnl bench),
 # sync (tnl bench with --no-async-scheduling, the A/B), cublas (tnl bench with --skinny-gemm off,
 # the A/B of the Triton decode matmuls), ab (fused decode layers and PDL on/off: AB_COMBOS, each
 # combo a set of tnl bench kernel flags; AB_REPEAT, AB_BATCH), profile, http (offline batch 64 then `tnl serve` under 64 (HTTP_MODES, HTTP_REPEAT, HTTP_PROCS)
@@ -21,7 +21,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 for phase in "$@"; do
   case $phase in
   tests)
-    python3 -m pytest tests/test_cuda.py tests/test_triton_gemm.py -q -p no:cacheprovider 2>&1 \
+    python3 -m pytest tests/kernels/test_cuda.py tests/kernels/test_triton_gemm.py -q -p no:cacheprovider 2>&1 \
       | tee "$OUT/gpu_tests.txt" | tail -25 ;;
   bench)
     python3 benchmarks/anchor_bench.py > "$OUT/anchor_stdout.txt" 2>&1; tail -3 "$OUT/anchor_stdout.txt"

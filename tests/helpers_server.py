@@ -32,6 +32,16 @@ def make_tiny_model(directory) -> str:
     return directory
 
 
+def wait_for(predicate, timeout: float, what: str) -> None:
+    """Poll `predicate` until it is true; an AssertionError naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -20,7 +20,8 @@ CLIENTS = 64
 SOAK_S = 30              # of load after the warm-up; the figures below are over both
 WARMUP_S = 5             # the allocator and the first-use buffers settle before RSS is first read
 RSS_GROWTH_MB = 64       # measured: 1-5 MB over 30 s (3,300-4,400 requests) once warm
-SOAK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "soak.py")
+SOAK = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks",
+                    "soak.py")
 
 
 def test_soak(tmp_path):

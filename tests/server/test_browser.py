@@ -38,7 +38,7 @@ pytestmark = [
                        reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)"),
 ]
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO_DIR = os.path.join(REPO, "src", "tnl", "demo")
 ARTIFACTS = os.path.join(REPO, "test-artifacts")
 API_KEY = "page-test-key"

@@ -21,7 +21,7 @@ import openai
 import pytest
 import requests
 
-from helpers_server import ServerProcess, make_tiny_model
+from helpers_server import ServerProcess, make_tiny_model, wait_for
 
 MAX_PROMPT_TOKENS = 128
 API_KEY = "sk-test-0123456789"
@@ -282,22 +282,13 @@ def _open_raw_stream(url: str, body: dict, headers: dict | None = None) -> socke
     return sock
 
 
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_client_disconnect_frees_slot(server):
     sock = _open_raw_stream(server.url, {"prompt": "hello", "max_tokens": 100000, "ignore_eos": True,
                                          "stream": True})
     # (the gauge is read from the engine's last step: wait for it rather than race it)
-    _wait_for(lambda: server.metric("tnl_state_slots_used") >= 1, 15, "the stream's slot to show")
+    wait_for(lambda: server.metric("tnl_state_slots_used") >= 1, 15, "the stream's slot to show")
     sock.close()
-    _wait_for(lambda: server.metric("tnl_state_slots_used") == 0 and server.metric("tnl_num_requests_running") == 0,
+    wait_for(lambda: server.metric("tnl_state_slots_used") == 0 and server.metric("tnl_num_requests_running") == 0,
               15, "the dropped stream's slot to be freed")
     assert requests.get(server.url + "/health").status_code == 200
 
@@ -308,9 +299,9 @@ def test_non_stream_client_disconnect_aborts(server):
     sock = socket.create_connection((host, int(port)), timeout=30)
     sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
-    _wait_for(lambda: server.metric("tnl_state_slots_used") >= 1, 15, "the request to start")
+    wait_for(lambda: server.metric("tnl_state_slots_used") >= 1, 15, "the request to start")
     sock.close()
-    _wait_for(lambda: server.metric("tnl_state_slots_used") == 0, 15, "the abandoned request's slot to be freed")
+    wait_for(lambda: server.metric("tnl_state_slots_used") == 0, 15, "the abandoned request's slot to be freed")
 
 
 # ---- bad inputs ----------------------------------------------------------------------------
@@ -479,7 +470,7 @@ def test_page_docs_and_schema(server):
 def test_access_log(server):
     r = requests.post(server.url + COMPLETIONS, json={"prompt": "hello", "max_tokens": 2, "temperature": 0})
     rid = r.headers["x-request-id"]
-    _wait_for(lambda: rid in server.log(), 5, "the access-log line")
+    wait_for(lambda: rid in server.log(), 5, "the access-log line")
     line = next(li for li in server.log().splitlines() if rid in li and "tnl.access" in li)
     assert "POST /v1/completions 200" in line and "in=" in line and "out=2" in line
     assert "prompt=" in line  # --log-prompts
@@ -548,7 +539,7 @@ def test_queue_full_is_429(keyed_server):
     waiting.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                     f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
     try:
-        _wait_for(lambda: keyed_server.metric("tnl_num_requests_waiting", AUTH) == 1, 15, "a waiting request")
+        wait_for(lambda: keyed_server.metric("tnl_num_requests_waiting", AUTH) == 1, 15, "a waiting request")
         r = requests.post(keyed_server.url + COMPLETIONS, json={"prompt": "hi", "max_tokens": 2}, headers=AUTH)
         assert r.status_code == 429, r.text
         assert int(r.headers["retry-after"]) >= 1
@@ -556,7 +547,7 @@ def test_queue_full_is_429(keyed_server):
     finally:
         running.close()
         waiting.close()
-    _wait_for(lambda: keyed_server.metric("tnl_state_slots_used", AUTH) == 0
+    wait_for(lambda: keyed_server.metric("tnl_state_slots_used", AUTH) == 0
               and keyed_server.metric("tnl_num_requests_waiting", AUTH) == 0, 15, "both requests to be aborted")
 
 

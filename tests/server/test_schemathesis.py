@@ -24,7 +24,8 @@ MAX_TOKENS = 4         # generated max_tokens / max_new_tokens above this are lo
 CHECKS = ("not_a_server_error", "status_code_conformance", "content_type_conformance",
           "response_schema_conformance", "positive_data_acceptance", "negative_data_rejection",
           "unsupported_method", "allow_header_conformance")
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.abspath(__file__))   # this module is st's hook module too
+TESTS_DIR = os.path.dirname(HERE)                   # tests/: the helpers
 
 
 def _integral_floats_to_ints(value):
@@ -97,7 +98,7 @@ def run_schemathesis(url: str, workdir) -> tuple[dict, str]:
            "--generation-database", "none", "--output-sanitize", "false", "--no-color",
            "--report", "json", "--report-json-path", report]
     env = dict(os.environ, SCHEMATHESIS_HOOKS="test_schemathesis",
-               PYTHONPATH=os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([HERE, TESTS_DIR, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
     if not os.path.exists(report):
         raise AssertionError(f"st run wrote no report (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

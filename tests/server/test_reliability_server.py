@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import pytest
 import requests
 
-from helpers_server import ServerProcess, make_tiny_model
+from helpers_server import ServerProcess, make_tiny_model, wait_for
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
@@ -59,15 +59,6 @@ def open_server(model_dir):
 
 def _port(srv: ServerProcess) -> int:
     return srv.port
-
-
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @dataclass
@@ -153,9 +144,9 @@ def test_shutdown_past_the_grace_period_is_clean(model_dir):
                 threads.append(threading.Thread(target=_post, args=(srv.port, path, body, reply), daemon=True))
                 threads[-1].start()
             if kind == "running":
-                _wait_for(lambda: srv.metric("tnl_num_requests_running") == len(running) + STALLED, 60,
+                wait_for(lambda: srv.metric("tnl_num_requests_running") == len(running) + STALLED, 60,
                           "every slot to run")
-        _wait_for(lambda: srv.metric("tnl_num_requests_waiting") == len(queued), 30, "the queue to fill")
+        wait_for(lambda: srv.metric("tnl_num_requests_waiting") == len(queued), 30, "the queue to fill")
         t_signal = time.monotonic()
         srv.proc.send_signal(signal.SIGTERM)
         for t in threads:
@@ -437,5 +428,5 @@ def test_connection_cap(open_server):
     finally:
         for s in held:
             s.close()
-    _wait_for(lambda: requests.get(open_server.url + "/v1/models", timeout=10).status_code == 200, 10,
+    wait_for(lambda: requests.get(open_server.url + "/v1/models", timeout=10).status_code == 200, 10,
               "a free connection slot")
