@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -78,6 +79,11 @@ class Request:
     num_cached: int = 0
     cache_hit: object | None = None
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.monotonic()))
+
+    @functools.cached_property
+    def prompt_key(self) -> tuple[int, ...]:
+        """The prompt as a dict key (the scheduler's duplicate-prompt check), built once."""
+        return tuple(self.prompt_token_ids)
 
     @property
     def num_prompt(self) -> int:

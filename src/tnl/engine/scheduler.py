@@ -145,7 +145,7 @@ class Scheduler:
         new_slots, cached, skipped = [], [], []
         while self.waiting and budget > 0 and self.slots.num_free:
             r = self.waiting.popleft()
-            if self.prefix_cache is not None and self._prompt_key(r) in self._prefilling:
+            if self.prefix_cache is not None and r.prompt_key in self._prefilling:
                 skipped.append(r)   # its prompt is being computed: wait for that snapshot
                 continue
             r.slot = self.slots.alloc()
@@ -175,10 +175,6 @@ class Scheduler:
                 break
         return min(end - r.num_computed, budget)
 
-    @staticmethod
-    def _prompt_key(r: Request) -> tuple[int, ...]:
-        return tuple(r.prompt_token_ids)
-
     def _admit_from_cache(self, r: Request) -> None:
         """Start r after the longest cached prefix of its prompt (prompt logprobs need every
         position computed: no lookup then), and keep only the boundaries not yet cached."""
@@ -200,10 +196,10 @@ class Scheduler:
                 wanted.append(b)
         r.boundaries = wanted
         if L in wanted:
-            self._prefilling.setdefault(self._prompt_key(r), r)
+            self._prefilling.setdefault(r.prompt_key, r)
 
     def _stop_prefilling(self, r: Request) -> None:
-        key = self._prompt_key(r)
+        key = r.prompt_key
         if self._prefilling.get(key) is r:
             del self._prefilling[key]
 
