@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from tnl.config import DEFAULT_SYSTEM_PROMPT
+from tnl.config import DEFAULT_SYSTEM_PROMPT, QUANTIZATIONS, STATE_DTYPES
 from tnl.hub import DEFAULT_SOURCE, SOURCES
 
 
@@ -52,6 +52,13 @@ def add_model_args(p: argparse.ArgumentParser, model_help: str | None = None) ->
     p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for the model's matmuls (default: one per 100M parameters, at most the "
                         "cores torch would use; so 1 for the demo model). Only matters on CPU")
+    p.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
+                   help="store the layer matrices in 8 bits, quantized at load time per output channel "
+                        "(float32 scales; embedding and head keep --dtype): int8 on any device, fp8 (e4m3) on "
+                        "GPUs of compute capability 8.9+ (default none). Accuracy: README, 'Quantization'")
+    p.add_argument("--state-dtype", default="float32", choices=list(STATE_DTYPES),
+                   help="how each sequence's recurrent state is stored; updates accumulate in float32 either way, "
+                        "and 16 bits hold twice the sequences in the same memory (default float32)")
 
 
 def add_chat_args(p: argparse.ArgumentParser) -> None:

@@ -1,7 +1,8 @@
 """`tnl bench`: offline engine speed, each figure next to a ceiling measured in the same run.
 
 Ceilings: device copy bandwidth (bytes read + written) and the bf16 matmul rate.
-Decode roofline per step = (weight bytes read once + float32 state read and written) / copy rate.
+Decode roofline per step = (weight bytes read once, 8-bit ones with --quantization + each
+sequence's state read and written, in --state-dtype) / copy rate.
 Prefill floor = 2 * params * tokens / matmul rate.
 """
 from __future__ import annotations
@@ -45,9 +46,10 @@ def measure_ceilings(device) -> dict:
 
 
 def weight_bytes(m) -> int:
-    """Bytes one decode step must read: every layer matrix and the head (the embedding lookup
-    reads one row per sequence)."""
+    """Bytes one decode step must read: every layer matrix (8-bit ones with their scales) and the
+    head (the embedding lookup reads one row per sequence)."""
     total = sum(p.numel() * p.element_size() for n, p in m.named_parameters() if "embed_tokens" not in n)
+    total += sum(b.numel() * b.element_size() for n, b in m.named_buffers() if n.endswith((".qweight", ".scale")))
     return total + m.head_weight.numel() * m.head_weight.element_size()
 
 
@@ -84,8 +86,10 @@ def bench(args, kernel_config: KernelConfig | None = None) -> dict:
     from tnl.engine import LLMEngine
     from tnl.loading import RANDOM_MODEL, check_host_memory, set_cpu_threads
     from tnl.model.weights import RANDOM_7B, random_model, resolve_dtype
+    from tnl.kernels.quant import check_device
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_dtype(args.dtype, device)
+    check_device(args.quantization, device)   # before the ceilings and the weights
     out: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                  "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     out.update(measure_ceilings(device))
@@ -97,24 +101,28 @@ def bench(args, kernel_config: KernelConfig | None = None) -> dict:
         if device.type == "cpu":
             check_host_memory(f"{RANDOM_MODEL} in {str(dtype).removeprefix('torch.')}",
                               ModelConfig.from_dict(RANDOM_7B).num_params() * dtype.itemsize)
-        model = random_model(RANDOM_7B, device, dtype, kernel_config=kernel_config)
+        model = random_model(RANDOM_7B, device, dtype, kernel_config=kernel_config, quantization=args.quantization)
     else:
         from tnl.loading import resolve_model_dir
         from tnl.model.weights import load_model
         model = load_model(resolve_model_dir(args.model, args.source, args.cache_dir, args.revision),
-                           device=str(device), dtype=args.dtype, kernel_config=kernel_config)
+                           device=str(device), dtype=args.dtype, kernel_config=kernel_config,
+                           quantization=args.quantization)
     out["load_s"] = time.perf_counter() - t0
     cfg = model.config
     if device.type == "cpu":
         set_cpu_threads(cfg, args.threads)
     wbytes = weight_bytes(model)
-    out.update(params_B=cfg.num_params() / 1e9, weight_GB=wbytes / 1e9, state_MB_per_seq=cfg.state_bytes() / 1e6)
+    sbytes = cfg.state_bytes(args.state_dtype)
+    out.update(params_B=cfg.num_params() / 1e9, weight_GB=wbytes / 1e9, state_MB_per_seq=sbytes / 1e6,
+               quantization=args.quantization, state_dtype=args.state_dtype)
     out["kernels"] = model.backend.names()
     max_bs = max(args.batch_sizes)
     t0 = time.perf_counter()
     ec = engine_config(max_num_seqs=max_bs, max_num_batched_tokens=max(args.max_num_batched_tokens, max_bs),
                       max_waiting=1 << 20, cuda_graphs=not args.no_cuda_graphs,
-                      async_scheduling=args.async_scheduling, enable_prefix_caching=args.enable_prefix_caching)
+                      async_scheduling=args.async_scheduling, enable_prefix_caching=args.enable_prefix_caching,
+                      state_dtype=args.state_dtype)
     engine = LLMEngine(model, None, ec)
     out["engine_init_s"] = time.perf_counter() - t0
     g = torch.Generator().manual_seed(0)
@@ -128,7 +136,7 @@ def bench(args, kernel_config: KernelConfig | None = None) -> dict:
         r = run_requests(engine, prompts(bs, args.prompt_len), args.output_len)
         r["batch"] = bs
         if "copy_GBps" in out:
-            floor_s = (wbytes + 2 * bs * cfg.state_bytes()) / (out["copy_GBps"] * 1e9)
+            floor_s = (wbytes + 2 * bs * sbytes) / (out["copy_GBps"] * 1e9)
             r["roofline_tok_s"] = bs / floor_s
             r["roofline_ratio"] = r["decode_tok_s"] / r["roofline_tok_s"]
         rows.append(r)
@@ -191,7 +199,8 @@ def print_report(out: dict) -> None:
     if "copy_GBps" in out:
         print(f"ceilings: copy {out['copy_GBps']:.0f} GB/s, bf16 matmul {out['matmul_TFLOPs']:.0f} TFLOP/s")
     print(f"model: {out['params_B']:.2f} B params, {out['weight_GB']:.2f} GB read per step, "
-          f"{out['state_MB_per_seq']:.1f} MB state per sequence; load {out['load_s']:.1f} s, "
+          f"{out['state_MB_per_seq']:.1f} MB state per sequence ({out.get('state_dtype', 'float32')}), quantization "
+          f"{out.get('quantization', 'none')}; load {out['load_s']:.1f} s, "
           f"engine init (graphs) {out['engine_init_s']:.1f} s")
     print(f"{'batch':>6} {'TTFT s':>8} {'decode tok/s':>13} {'roofline':>10} {'ratio':>6}")
     for r in out["decode"]:

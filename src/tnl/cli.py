@@ -50,9 +50,9 @@ def _engine(a, max_num_seqs: int = 4):
     from tnl.config import engine_config
     from tnl.kernels.config import kernel_config_from_args
     from tnl.loading import build_engine
-    return build_engine(a.model, a.device, a.dtype, engine_config(max_num_seqs=max_num_seqs),
+    return build_engine(a.model, a.device, a.dtype, engine_config(max_num_seqs=max_num_seqs, state_dtype=a.state_dtype),
                         a.chat_template, a.source, a.cache_dir, a.revision, progress=sys.stderr.isatty(),
-                        threads=a.threads, kernel_config=kernel_config_from_args(a))
+                        threads=a.threads, kernel_config=kernel_config_from_args(a), quantization=a.quantization)
 
 
 def _system(a) -> list[dict]:

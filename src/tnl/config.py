@@ -15,6 +15,28 @@ from dataclasses import dataclass, field, fields
 # The OpenAI routes and LLM.chat send the messages exactly as given, as OpenAI and vLLM do.
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
+# --quantization: the layer matrices' storage at run time, quantized at load time per output
+# channel with float32 scales (the embedding and the head keep the model's dtype); see
+# tnl.kernels.quant. fp8 is e4m3 and needs a GPU of compute capability 8.9 or newer.
+QUANTIZATIONS = ("none", "int8", "fp8")
+# --state-dtype: how the state pool stores each sequence's recurrent state (bytes per element);
+# the decode and prefill kernels accumulate in float32 whatever it is.
+STATE_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def check_quantization(quantization: str) -> str:
+    """`quantization` if it is one of QUANTIZATIONS, else a ValueError naming the choices."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization {quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
+    return quantization
+
+
+def check_state_dtype(state_dtype: str) -> str:
+    """`state_dtype` if it is one of STATE_DTYPES, else a ValueError naming the choices."""
+    if state_dtype not in STATE_DTYPES:
+        raise ValueError(f"state_dtype {state_dtype!r}: expected one of {', '.join(STATE_DTYPES)}")
+    return state_dtype
+
 
 class ConfigError(ValueError):
     """A config.json that tnl cannot run; the message names the key."""
@@ -62,11 +84,14 @@ class ModelConfig:
         return 2 * self.head_dim if self.lrpe[layer] else self.head_dim
 
     def state_shapes(self) -> list[tuple[int, int, int]]:
-        """Per layer, the recurrent state of one sequence: [H, dk, dv] (float32)."""
+        """Per layer, the recurrent state of one sequence: [H, dk, dv] (float32 unless the
+        engine's state_dtype says otherwise)."""
         return [(self.n_heads, self.key_dim(i), self.head_dim) for i in range(self.n_layers)]
 
-    def state_bytes(self) -> int:
-        return sum(4 * h * k * v for h, k, v in self.state_shapes())
+    def state_bytes(self, state_dtype: str = "float32") -> int:
+        """One sequence's state, all layers, stored as `state_dtype` (a STATE_DTYPES name)."""
+        size = STATE_DTYPES[check_state_dtype(state_dtype)]
+        return sum(size * h * k * v for h, k, v in self.state_shapes())
 
     def num_params(self) -> int:
         d, hid, g, V = self.d_model, self.hidden_dim, self.glu_dim, self.vocab_size
@@ -216,6 +241,10 @@ class EngineConfig:
     prefix_cache_gb: float | None = None     # its budget; None: half the GPU memory free after the slots, 1 GB on CPU
     prefix_cache_dir: str | None = None      # also write the snapshots there as state files, and load them at start
     prefix_cache_dir_gb: float = 10.0        # that directory's cap: this model's oldest files are deleted beyond it
+    state_dtype: str = "float32"             # the state pool's storage (STATE_DTYPES); float32 accumulation always
+
+    def __post_init__(self):
+        check_state_dtype(self.state_dtype)
 
 
 def engine_config(**options) -> EngineConfig:

@@ -23,13 +23,17 @@ class LLM:
                  revision: str | None = None, cuda_graphs: bool = True, progress: bool = True,
                  threads: int | None = None, kernel_config: KernelConfig | None = None,
                  enable_prefix_caching: bool = True, prefix_cache_gb: float | None = None,
-                 prefix_cache_dir: str | None = None, prefix_cache_dir_gb: float | None = None):
-        ec = engine_config(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                 prefix_cache_dir: str | None = None, prefix_cache_dir_gb: float | None = None,
+                 quantization: str = "none", state_dtype: str = "float32"):
+        """quantization: "none", "int8" or "fp8" (8-bit layer matrices, tnl.kernels.quant; fp8 needs a
+        GPU of compute capability 8.9+); state_dtype: "float32", "bfloat16" or "float16" (how the
+        recurrent state is stored). A value this device cannot run is a ValueError."""
+        ec = engine_config(state_dtype=state_dtype, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                            max_waiting=1 << 30, cuda_graphs=cuda_graphs, enable_prefix_caching=enable_prefix_caching,
                            prefix_cache_gb=prefix_cache_gb, prefix_cache_dir=prefix_cache_dir,
                            prefix_cache_dir_gb=prefix_cache_dir_gb)
         self.engine = build_engine(model, device, dtype, ec, chat_template, source, cache_dir, revision, progress,
-                                   threads=threads, kernel_config=kernel_config)
+                                   threads=threads, kernel_config=kernel_config, quantization=quantization)
         self.tokenizer = self.engine.tokenizer
 
     def _encode(self, prompt: str | list[int]) -> tuple[list[int], str | None]:

@@ -108,14 +108,18 @@ def generation_stop_ids(model_dir: str | None) -> set[int]:
 def build_engine(model: str | None = None, device: str = "auto", dtype: str = "auto",
                  engine_config: EngineConfig | None = None, chat_template_file: str | None = None,
                  source: str = "modelscope", cache_dir: str | None = None, revision: str | None = None,
-                 progress: bool = True, threads: int | None = None, kernel_config: KernelConfig | None = None):
+                 progress: bool = True, threads: int | None = None, kernel_config: KernelConfig | None = None,
+                 quantization: str = "none"):
     """The LLMEngine for `model` (see the module docstring for names); kernel_config: the kernels
-    its model runs (default KernelConfig())."""
+    its model runs (default KernelConfig()); quantization: the layer matrices in 8 bits
+    (tnl.kernels.quant), checked against the device before any weight is read."""
     from tnl.config import ModelConfig
     from tnl.engine.llm_engine import LLMEngine
     from tnl.model.tokenizer import Tokenizer
+    from tnl.kernels.quant import check_device
     from tnl.model.weights import RANDOM_7B, load_model, random_model, resolve_device, resolve_dtype
 
+    check_device(quantization, resolve_device(device))   # fp8 on a CPU or an old GPU: refused before loading
     if model == RANDOM_MODEL:  # benchmarks: random 7B-shaped weights built on the device, no tokenizer
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
@@ -124,10 +128,11 @@ def build_engine(model: str | None = None, device: str = "auto", dtype: str = "a
             check_host_memory(f"{RANDOM_MODEL} in {str(dt).removeprefix('torch.')}",
                               cfg.num_params() * dt.itemsize)
             set_cpu_threads(cfg, threads)
-        m = random_model(RANDOM_7B, dev, dt, kernel_config=kernel_config)
+        m = random_model(RANDOM_7B, dev, dt, kernel_config=kernel_config, quantization=quantization)
         return LLMEngine(m, None, engine_config)
     path = resolve_model_dir(model, source, cache_dir, revision)
-    m = load_model(path, device=device, dtype=dtype, progress=progress, kernel_config=kernel_config)
+    m = load_model(path, device=device, dtype=dtype, progress=progress, kernel_config=kernel_config,
+                   quantization=quantization)
     if m.head_weight.device.type == "cpu":
         set_cpu_threads(m.config, threads)
     cfg = m.config

@@ -33,11 +33,12 @@ GPU_MAX_SLOTS = 512
 
 
 def derive_num_slots(cfg: ModelConfig, device: torch.device, requested: int | None,
-                     max_num_batched_tokens: int) -> int:
+                     max_num_batched_tokens: int, state_dtype: str = "float32") -> int:
     """--max-num-seqs, or on GPU as many state slots as 90% of free memory holds after a
     reserve for one full step: activations [tokens, d] of the layer matmuls (qkvu, GLU halves,
     bf16), the sampled rows' logits [GPU_MAX_SLOTS, V] float32 twice (raw and filtered), a whole
-    chunk's prompt-logprob logits [tokens, V] float32 twice, and 1 GB for the allocator."""
+    chunk's prompt-logprob logits [tokens, V] float32 twice, and 1 GB for the allocator. A slot
+    is one sequence's state in `state_dtype`: a 16-bit state gives twice the slots."""
     if requested is not None:
         if requested < 1:
             raise ValueError("max_num_seqs must be >= 1")
@@ -47,9 +48,10 @@ def derive_num_slots(cfg: ModelConfig, device: torch.device, requested: int | No
     free, _ = torch.cuda.mem_get_info(device)
     reserve = max_num_batched_tokens * (cfg.d_model * 2 * 12 + cfg.glu_dim * 2 * 3 + 4 * cfg.hidden_dim * 2) \
         + 2 * GPU_MAX_SLOTS * cfg.vocab_size * 4 + 2 * max_num_batched_tokens * cfg.vocab_size * 4 + (1 << 30)
-    n = int((free * 0.9 - reserve) // cfg.state_bytes())
+    per_slot = cfg.state_bytes(state_dtype)
+    n = int((free * 0.9 - reserve) // per_slot)
     if n < 1:
-        raise RuntimeError(f"not enough GPU memory for one sequence's state ({cfg.state_bytes() / 1e6:.0f} MB) "
+        raise RuntimeError(f"not enough GPU memory for one sequence's state ({per_slot / 1e6:.0f} MB) "
                            f"after the weights: {free / 1e9:.1f} GB free")
     return min(n, GPU_MAX_SLOTS)
 
@@ -74,12 +76,14 @@ class EngineCore:
         self.model_config: ModelConfig = model.config
         self.device = model.head_weight.device
         ec = engine_config
-        slots = derive_num_slots(self.model_config, self.device, ec.max_num_seqs, ec.max_num_batched_tokens)
+        slots = derive_num_slots(self.model_config, self.device, ec.max_num_seqs, ec.max_num_batched_tokens,
+                                 ec.state_dtype)
         self.engine_config = ec = dataclasses.replace(
             ec, max_num_seqs=slots, max_num_batched_tokens=max(ec.max_num_batched_tokens, slots))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)   # graph capture, events and Triton launches follow the current device
-        self.runner = ModelRunner(model, slots, self.device, cuda_graphs=ec.cuda_graphs)
+        self.state_dtype: torch.dtype = getattr(torch, ec.state_dtype)   # the pool's, the snapshots' and imports'
+        self.runner = ModelRunner(model, slots, self.device, cuda_graphs=ec.cuda_graphs, state_dtype=self.state_dtype)
         self.prefix_cache = self._new_prefix_cache(ec)
         self.fingerprint = state_file.model_fingerprint(model)   # names the model in state files
         self.state_dir = self._open_state_dir(ec)
@@ -135,7 +139,7 @@ class EngineCore:
             except (state_file.StateFileError, OSError) as e:
                 log.warning("--prefix-cache-dir: skipping %s: %s", path, e)
                 continue
-            state = [t.to(self.device) for t in state]
+            state = self._as_pool_state(state, path)
             logits = logits.to(self.device) if logits is not None else None
             loaded += self.prefix_cache.insert(ids, state, logits, per) is not None
         log.info("--prefix-cache-dir %s: %d states loaded in %.2f s (%d more on disk than the cache holds)",
@@ -184,7 +188,7 @@ class EngineCore:
         """Put a checked state (state_file.loads) into the cache, pinned: from now on a prompt
         that starts with `ids` continues from it. Raises StateCacheError when it cannot be kept."""
         cache = self._cache_for_states()
-        state = [t.to(self.device, torch.float32).contiguous() for t in state]
+        state = self._as_pool_state(state, "an imported state")
         logits = logits.to(self.device, torch.float32) if logits is not None else None
         entry = cache.insert(ids, state, logits, self.entry_bytes(), pinned=True)
         if entry is None:
@@ -197,9 +201,19 @@ class EngineCore:
         """Unpin every pinned state (imported ones): LRU eviction may take them again. Returns how many."""
         return self.prefix_cache.unpin_all() if self.prefix_cache is not None else 0
 
+    def _as_pool_state(self, state: list[torch.Tensor], what: str) -> list[torch.Tensor]:
+        """A state from a file, on this device in the pool's dtype. A state saved in another dtype
+        is converted (said in the log): float32 -> 16 bits rounds once, 16 bits -> float32 is exact
+        (and keeps the rounding that the 16-bit engine's state already had)."""
+        got = state[0].dtype if state else self.state_dtype
+        if got != self.state_dtype:
+            log.info("%s: state stored in %s, converted to this engine's state dtype %s", what,
+                     str(got).removeprefix("torch."), str(self.state_dtype).removeprefix("torch."))
+        return [t.to(self.device, self.state_dtype).contiguous() for t in state]
+
     def entry_bytes(self) -> int:
-        """One snapshot: the state of every layer, plus the logits after it [V] float32."""
-        return self.model_config.state_bytes() + 4 * self.model_config.vocab_size
+        """One snapshot: the state of every layer (in the pool's dtype), plus the logits after it [V] float32."""
+        return self.model_config.state_bytes(self.engine_config.state_dtype) + 4 * self.model_config.vocab_size
 
     def _take_snapshots(self, logits_of: dict[int, torch.Tensor] | None = None) -> None:
         """Keep the snapshots the scheduler asked for: a copy of the slot, queued on the stream

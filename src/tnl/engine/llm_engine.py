@@ -46,8 +46,9 @@ class LLMEngine:
         self._ids = itertools.count()
         if self.device.type == "cuda":
             self.core.warm_up()
-        log.info("engine ready: %d state slots (%.1f MB each), token budget %d, device %s, async scheduling %s",
-                 self.engine_config.max_num_seqs, cfg.state_bytes() / 1e6, self.engine_config.max_num_batched_tokens,
+        log.info("engine ready: %d state slots (%.1f MB each, %s), token budget %d, device %s, async scheduling %s",
+                 self.engine_config.max_num_seqs, cfg.state_bytes(self.engine_config.state_dtype) / 1e6,
+                 self.engine_config.state_dtype, self.engine_config.max_num_batched_tokens,
                  self.device, "on" if self.core.async_scheduling else "off")
 
     # ---- requests ---------------------------------------------------------------------------

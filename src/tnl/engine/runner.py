@@ -28,12 +28,15 @@ class ModelOutput:
 
 class StatePool:
     """The fixed-size recurrent state of `num_slots` sequences: per layer [num_slots + 1, H, dk, dv]
-    float32. Slot `num_slots` is a scratch slot that padded rows of a CUDA graph write into."""
+    in `dtype` (float32, or bfloat16 / float16: EngineConfig.state_dtype). Slot `num_slots` is a
+    scratch slot that padded rows of a CUDA graph write into. Snapshots are in the pool's dtype."""
 
-    def __init__(self, model: TransnormerForCausalLM, num_slots: int, device: torch.device):
+    def __init__(self, model: TransnormerForCausalLM, num_slots: int, device: torch.device,
+                 dtype: torch.dtype = torch.float32):
         self.num_slots = num_slots
         self.scratch = num_slots
-        self.layers = model.new_state_pool(num_slots + 1, device)
+        self.dtype = dtype
+        self.layers = model.new_state_pool(num_slots + 1, device, dtype)
 
     def zero(self, slots: list[int]) -> None:
         if slots:
@@ -78,10 +81,10 @@ def graph_batch_sizes(max_bs: int) -> list[int]:
 
 class ModelRunner:
     def __init__(self, model: TransnormerForCausalLM, num_slots: int, device: torch.device,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, state_dtype: torch.dtype = torch.float32):
         self.model = model
         self.device = device
-        self.pool = StatePool(model, num_slots, device)
+        self.pool = StatePool(model, num_slots, device, state_dtype)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.use_graphs = cuda_graphs and device.type == "cuda"
         if self.use_graphs:

@@ -8,10 +8,11 @@ at once instead of computing them again.
 
 The file (safetensors: a length-prefixed JSON header, then raw little-endian tensors; never
 pickle):
-    tensors   state.0 .. state.{L-1}  float32 [H, dk, dv], the per-layer state (ModelConfig.state_shapes)
+    tensors   state.0 .. state.{L-1}  [H, dk, dv] in the engine's state dtype (float32, bfloat16 or
+                                      float16: --state-dtype), the per-layer state (ModelConfig.state_shapes)
               logits                  float32 [V], the next-token logits after the last id (optional)
     metadata  format "tnl-state", format_version "1", fingerprint (model_fingerprint), dtype
-              "float32", num_layers, state_shapes (JSON), num_tokens, token_ids (JSON),
+              (the state tensors' dtype name), num_layers, state_shapes (JSON), num_tokens, token_ids (JSON),
               data_sha256 (over the tensors' bytes in the order above), model_config (JSON,
               for messages only)
 
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 import torch
 import safetensors.torch
 
-from tnl.config import ModelConfig
+from tnl.config import STATE_DTYPES, ModelConfig
 from tnl.engine.prefix_cache import CacheEntry
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 8 << 20
 FINGERPRINT_SAMPLES = 1024   # weight values hashed per parameter
 SUFFIX = ".safetensors"
+SAFETENSORS_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}   # state dtype -> header name
 
 
 # ---- errors --------------------------------------------------------------------------------
@@ -94,13 +96,20 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     The bfloat16 rounding makes the fingerprint the checkpoint's, not the serving dtype's: a
     bfloat16 checkpoint served in bfloat16 on a GPU and in float32 on a CPU has one fingerprint
     (their states are the same computation, up to rounding), while another checkpoint, a
-    fine-tune included, differs in nearly every sampled value."""
+    fine-tune included, differs in nearly every sampled value. 8-bit weights (--quantization)
+    are another model: their states differ by more than rounding, so the config then carries the
+    quantization and the 8-bit matrices and their scales are sampled (the float ones are gone)."""
     cfg = model.config.to_dict()
     cfg.pop("torch_dtype", None)
+    quantization = getattr(model, "quantization", "none")
+    if quantization != "none":
+        cfg["quantization"] = quantization
     h = hashlib.sha256(b"tnl-model-fingerprint/1\0")
     h.update(json.dumps(cfg, sort_keys=True).encode())
     samples = []
-    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+    weights = dict(model.named_parameters())
+    weights.update((n, b) for n, b in model.named_buffers() if n.endswith((".qweight", ".scale")))
+    for name, p in sorted(weights.items(), key=lambda kv: kv[0]):
         flat = p.detach().reshape(-1)
         n, k = flat.numel(), min(flat.numel(), FINGERPRINT_SAMPLES)
         idx = torch.arange(k, dtype=torch.int64) * (n - 1) // max(k - 1, 1)
@@ -114,15 +123,20 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 # ---- writing ---------------------------------------------------------------------------------
 def _digest(tensors: list[torch.Tensor]) -> str:
     h = hashlib.sha256()
-    for t in tensors:
-        h.update(memoryview(t.numpy()).cast("B"))
+    for t in tensors:   # raw bytes (numpy has no bfloat16)
+        h.update(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
     return h.hexdigest()
 
 
 def dumps(entry: CacheEntry, fingerprint: str, model_config: ModelConfig | None = None) -> bytes:
     """The state file of `entry` (ids, state: per-layer [H, dk, dv], logits [V] or None; on any
-    device). model_config only adds a description of the model to the metadata (for messages)."""
-    state = [t.detach().to("cpu", torch.float32).contiguous() for t in entry.state]
+    device, in the engine's state dtype, which the file keeps). model_config only adds a
+    description of the model to the metadata (for messages)."""
+    state = [t.detach().to("cpu").contiguous() for t in entry.state]
+    dtype = str(state[0].dtype).removeprefix("torch.") if state else "float32"
+    if dtype not in SAFETENSORS_DTYPE or any(t.dtype != state[0].dtype for t in state):
+        raise ValueError(f"a state file holds one state dtype of {', '.join(SAFETENSORS_DTYPE)}; got "
+                         f"{sorted({str(t.dtype) for t in state})}")
     tensors = {f"state.{i}": t for i, t in enumerate(state)}
     ordered = list(state)
     if entry.logits is not None:
@@ -132,7 +146,7 @@ def dumps(entry: CacheEntry, fingerprint: str, model_config: ModelConfig | None 
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "fingerprint": fingerprint,
-        "dtype": "float32",
+        "dtype": dtype,
         "num_layers": str(len(state)),
         "state_shapes": json.dumps([list(t.shape) for t in state]),
         "num_tokens": str(len(entry.ids)),
@@ -148,7 +162,8 @@ def dumps(entry: CacheEntry, fingerprint: str, model_config: ModelConfig | None 
 
 # ---- reading ---------------------------------------------------------------------------------
 def max_file_bytes(model_config: ModelConfig) -> int:
-    """The largest state file of this model: header at its cap, the state and the logits."""
+    """The largest state file of this model: header at its cap, the state (in float32, the widest
+    state dtype) and the logits."""
     return 8 + MAX_HEADER_BYTES + model_config.state_bytes() + 4 * model_config.vocab_size
 
 
@@ -158,6 +173,7 @@ class StateHeader:
 
     ids: tuple[int, ...]
     has_logits: bool
+    dtype: str                                  # the state tensors' dtype (a STATE_DTYPES name)
     data_start: int                             # 8 + header length
     offsets: dict[str, tuple[int, int]]         # tensor name -> [start, end) in the data section
     digest: str
@@ -223,9 +239,11 @@ def parse_header(header: bytes, file_size: int, expected_fingerprint: str, model
     if fingerprint != expected_fingerprint:
         raise WrongModelState(f"the state was computed by another model{_model_description(meta)}: its fingerprint "
                               f"is {str(fingerprint)[:16]}..., this server's model has {expected_fingerprint[:16]}...; "
-                              f"a state continues only on the model (config and weights) that computed it")
-    if meta.get("dtype") != "float32":
-        raise CorruptStateFile(f"metadata 'dtype' is {meta.get('dtype')!r}; states are float32")
+                              f"a state continues only on the model (config and weights, 8-bit ones under --quantization "
+                              f"included) that computed it")
+    dtype = meta.get("dtype")
+    if dtype not in SAFETENSORS_DTYPE:
+        raise CorruptStateFile(f"metadata 'dtype' is {dtype!r}; states are {', '.join(SAFETENSORS_DTYPE)}")
     shapes = model_config.state_shapes()
     if _meta_int(meta, "num_layers") != len(shapes) or _meta_json(meta, "state_shapes") != [list(s) for s in shapes]:
         raise CorruptStateFile(f"metadata 'state_shapes' {meta.get('state_shapes')!r} does not match this model's "
@@ -250,11 +268,13 @@ def parse_header(header: bytes, file_size: int, expected_fingerprint: str, model
         raise CorruptStateFile(f"the file's tensors do not match this model's state: missing {missing}, "
                                f"unexpected {extra}")
     offsets = {}
+    tensor_dtype = {name: "F32" if name == "logits" else SAFETENSORS_DTYPE[dtype] for name in expected}
     for name, shape in expected.items():
         info = doc[name]
-        if not isinstance(info, dict) or info.get("dtype") != "F32":
+        if not isinstance(info, dict) or info.get("dtype") != tensor_dtype[name]:
             got = info.get("dtype") if isinstance(info, dict) else info
-            raise CorruptStateFile(f"tensor '{name}' has dtype {got!r}; states are float32 (F32)")
+            raise CorruptStateFile(f"tensor '{name}' has dtype {got!r}; expected {tensor_dtype[name]} "
+                                   f"(metadata 'dtype' is {dtype}; logits are float32)")
         if info.get("shape") != shape:
             raise CorruptStateFile(f"tensor '{name}' has shape {info.get('shape')!r}; this model's is {shape}")
         span = info.get("data_offsets")
@@ -264,7 +284,7 @@ def parse_header(header: bytes, file_size: int, expected_fingerprint: str, model
     # the tensors must tile the data section exactly: no gaps, no overlaps, the sizes their shapes give
     pos = 0
     for name, (a, b) in sorted(offsets.items(), key=lambda kv: kv[1]):
-        size = 4
+        size = 4 if tensor_dtype[name] == "F32" else 2
         for dim in expected[name]:
             size *= dim
         if a != pos or b - a != size:
@@ -276,7 +296,7 @@ def parse_header(header: bytes, file_size: int, expected_fingerprint: str, model
                                f"{data_start + pos}")
     if file_size > data_start + pos:
         raise CorruptStateFile(f"{file_size - data_start - pos} unexpected bytes after the tensors")
-    return StateHeader(tuple(ids), "logits" in offsets, data_start, offsets, digest)
+    return StateHeader(tuple(ids), "logits" in offsets, dtype, data_start, offsets, digest)
 
 
 def loads(data: bytes, expected_fingerprint: str, model_config: ModelConfig
@@ -284,7 +304,8 @@ def loads(data: bytes, expected_fingerprint: str, model_config: ModelConfig
     """Parse and check a state file (untrusted input).
 
     Returns:
-        (token ids, the per-layer state [H, dk, dv] float32 on the host, the logits [V] float32 or None).
+        (token ids, the per-layer state [H, dk, dv] on the host in the file's state dtype (the
+        engine converts it to its own), the logits [V] float32 or None).
     Raises:
         StateFileTooLarge (before parsing), CorruptStateFile, UnsupportedStateVersion,
         WrongModelState, NonFiniteState: each a StateFileError saying what was wrong.

@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from tnl.config import ModelConfig
-from tnl.kernels import torch_ops
+from tnl.kernels import quant, torch_ops
 from tnl.kernels.config import KernelConfig
+from tnl.kernels.quant import QuantWeight
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,8 @@ class Backend:
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """F.linear(x, weight, bias) for x [T, K]: the skinny GEMM where route says so."""
+        if isinstance(weight, QuantWeight):
+            return self.quant_linear(x, weight, bias)
         if self._skinny_ok(x, weight) and self.route(x.shape[0], *weight.shape, "plain") == "skinny":
             return self._skinny(x, weight, bias)
         return F.linear(x, weight, bias)
@@ -161,6 +164,8 @@ class Backend:
     def gated_linear(self, ab: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """F.linear(a * b, weight, bias) for ab = [a | b] [T, 2K]: the GLU's gate product and its
         down projection; in the skinny GEMM (a * b inside its loads) where route says so."""
+        if isinstance(weight, QuantWeight):
+            return self.quant_linear(ab, weight, bias, gated=True)
         if self._skinny_ok(ab, weight) and self.route(ab.shape[0], *weight.shape, "gated") == "skinny":
             return self._skinny(ab, weight, bias, gated=True)
         a, b = ab.chunk(2, dim=-1)
@@ -174,6 +179,8 @@ class Backend:
         One skinny-GEMM launch does all of it where route says so (the norm is a per-row scale,
         summed over K while x streams through); otherwise the norm kernel, then one cuBLAS matmul
         that also adds the residual (addmm with beta = 1)."""
+        if isinstance(weight, QuantWeight):
+            return self.quant_linear(x, weight, bias, norm=norm, gate=gate, gated=gated, residual=residual, eps=eps)
         kind = "fused-gated" if gated else "fused"
         if self._skinny_ok(x, weight) and self.route(x.shape[0], *weight.shape, kind) == "skinny":
             return self._skinny(x, weight, bias, norm=norm, gate=gate, gated=gated, residual=residual, eps=eps)
@@ -238,6 +245,46 @@ class Backend:
             self.gemm_kernels.precompile(list(jobs.values()), pdl=self.pdl, prefetch=self.config.pdl_prefetch)
         return len(jobs)
 
+    # ---- 8-bit weights (tnl.kernels.quant) ---------------------------------------------------
+    def quant_linear(self, x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None = None, *,
+                     norm: bool = False, gate: torch.Tensor | None = None, gated: bool = False,
+                     residual: torch.Tensor | None = None, eps: float = 1e-8) -> torch.Tensor:
+        """fused_linear's contract for an 8-bit matrix. On CUDA one Triton launch per row block:
+        the skinny GEMM loads the 8-bit tiles, converts them in registers, scales each output
+        channel after the sum over K (tnl.kernels.triton_quant; never a bf16 copy of W). With
+        kernels "torch", on the CPU, or where Triton does not load: plain PyTorch
+        (quant.linear_torch, which converts W a block of rows at a time)."""
+        tq = self._triton_quant() if x.is_cuda else None
+        if tq is not None:
+            return tq.quant_linear(x, weight.qweight, weight.scale, bias, table=self.gemm, norm=norm, gate=gate,
+                                   gated=gated, residual=residual, eps=eps, pdl=self.pdl,
+                                   prefetch=self.config.pdl_prefetch)
+        if gated:
+            x, gate = x.chunk(2, dim=-1)
+        if norm:
+            y = torch_ops.rms_norm(x, gate, eps)
+        else:
+            y = x if gate is None else x * gate
+        out = quant.linear_torch(y, weight, bias)
+        if residual is None:
+            return out
+        residual += out
+        return residual
+
+    def _triton_quant(self):
+        """tnl.kernels.triton_quant, imported on first use (None with kernels "torch", or when
+        Triton does not load: then a warning, and the PyTorch path, which converts W per call)."""
+        if not hasattr(self, "_tq"):
+            self._tq = None
+            if self.config.kernels != "torch":
+                try:
+                    from tnl.kernels import triton_quant
+                    self._tq = triton_quant
+                except Exception as e:
+                    log.warning("8-bit skinny GEMM unavailable (%s): 8-bit matmuls convert W in PyTorch per call, "
+                                "slower than bf16", e)
+        return self._tq
+
     # ---- norms -------------------------------------------------------------------------------
     def rms_norm(self, x: torch.Tensor, gate: torch.Tensor | None = None, eps: float = 1e-8) -> torch.Tensor:
         """SimpleRMSNorm over the last dim of x [T, N] (torch_ops.rms_norm): one Triton pass on CUDA;
@@ -274,14 +321,14 @@ class Backend:
         None; positions [T]. Returns o [T, H, dv]."""
         q = torch_ops.feature_map(q, theta, positions)
         k = torch_ops.feature_map(k, theta, positions)
-        init = pool.index_select(0, slots)
+        init = pool.index_select(0, slots).float()   # a 16-bit pool (state_dtype): float32 from here on
         if q.is_cuda and self.fla_chunk is not None:
             o, final = self.fla_chunk(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), g_gamma=-slope, scale=1.0,
                                       initial_state=init, output_final_state=True, cu_seqlens=cu_seqlens)
             o = o.squeeze(0)
         else:
             o, final = torch_ops.varlen_chunk_attention(q, k, v, slope, init, cu_seqlens_list, chunk_size)
-        pool.index_copy_(0, slots, final.float())
+        pool.index_copy_(0, slots, final.to(pool.dtype))   # rounded once, to the pool's dtype
         return o
 
 

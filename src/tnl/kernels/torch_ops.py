@@ -83,11 +83,13 @@ def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: tor
     Args:
         q, k: [B, H, dk]; v: [B, H, dv]
         decay: [H] float32 (lam = exp(-slope))
-        pool: [num_slots, H, dk, dv] float32; slots: [B] long, distinct
+        pool: [num_slots, H, dk, dv] float32, or bfloat16 / float16 (the engine's state_dtype: read,
+            updated in float32, written back rounded; the output uses the float32 update)
+        slots: [B] long, distinct
     Returns:
         o: [B, H, dv] in v's dtype
     """
-    S = pool.index_select(0, slots)                                   # [B, H, dk, dv]
+    S = pool.index_select(0, slots).float()                           # [B, H, dk, dv]
     S = decay.view(1, -1, 1, 1) * S + k.float().unsqueeze(-1) * v.float().unsqueeze(-2)
-    pool.index_copy_(0, slots, S)
+    pool.index_copy_(0, slots, S.to(pool.dtype))
     return (q.float().unsqueeze(-2) @ S).squeeze(-2).to(v.dtype)

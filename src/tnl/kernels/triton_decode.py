@@ -55,9 +55,11 @@ def _recurrent_step_kernel(q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, pool_ptr, slot
     lam = tl.load(decay_ptr + h)
     s_ptrs = pool_ptr + slot * stride_ps + h * stride_ph + rk[:, None] * stride_pk + rv[None, :]
     m2 = mk[:, None] & mv[None, :]
-    S = tl.load(s_ptrs, mask=m2, other=0.0)
+    # a 16-bit pool (the engine's state_dtype) is read into float32, updated there and written back
+    # rounded once; the output uses the float32 update (as torch_ops.recurrent_step does)
+    S = tl.load(s_ptrs, mask=m2, other=0.0).to(tl.float32)
     S = lam * S + k[:, None] * v[None, :]
-    tl.store(s_ptrs, S, mask=m2)
+    tl.store(s_ptrs, S.to(pool_ptr.dtype.element_ty), mask=m2)
     o = tl.sum(q[:, None] * S, axis=0)
     tl.store(o_ptr + b * stride_ob + h * stride_oh + rv, o.to(o_ptr.dtype.element_ty), mask=mv)
 
@@ -65,7 +67,7 @@ def _recurrent_step_kernel(q_ptr, k_ptr, v_ptr, o_ptr, decay_ptr, pool_ptr, slot
 def recurrent_step_triton(q, k, v, decay, pool, slots, features: bool = False, theta=None, positions=None,
                           block_v: int | None = None, num_warps: int = 4, pdl: bool = False):
     """Same contract as torch_ops.recurrent_step: q, k [B, H, dk]; v [B, H, dv]; decay [H] f32;
-    pool [S, H, dk, dv] f32 contiguous; slots [B] long. Returns o [B, H, dv] in v's dtype.
+    pool [S, H, dk, dv] contiguous, float32 or 16-bit (state_dtype); slots [B] long. Returns o [B, H, dv] in v's dtype.
 
     With features=True, q and k are the raw projections [B, H, dh]: the kernel applies silu and,
     when theta [H, 1, dh] is given, LRPE at `positions` [B] (then dk = 2 dh), rounding to the
@@ -75,7 +77,7 @@ def recurrent_step_triton(q, k, v, decay, pool, slots, features: bool = False, t
     B, H, DH = q.shape
     DK = 2 * DH if (features and theta is not None) else DH
     DV = v.shape[-1]
-    assert pool.is_contiguous() and pool.dtype == torch.float32
+    assert pool.is_contiguous() and pool.dtype in (torch.float32, torch.bfloat16, torch.float16), pool.dtype
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
     o = torch.empty(B, H, DV, dtype=v.dtype, device=v.device)
     BK = triton.next_power_of_2(DK)

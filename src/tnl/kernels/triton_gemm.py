@@ -152,7 +152,10 @@ def _skinny_kernel(x_ptr, g_ptr, w_ptr, b_ptr, r_ptr, o_ptr, ws_ptr, ss_ptr, cnt
                    USE_DOT: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
                    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, NUM_STAGES: tl.constexpr,
                    GATED: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
-                   PREFETCH: tl.constexpr):
+                   PREFETCH: tl.constexpr, s_ptr=None, HAS_SCALE: tl.constexpr = False):
+    # HAS_SCALE: W is 8-bit (int8 or float8 e4m3, tnl.kernels.quant) with a float32 scale per output
+    # channel at s_ptr [N]: each tile is converted to x's dtype in registers and the scale applied
+    # once to the sum over K (for a 16-bit W both are no-ops and s_ptr is None)
     # 1-D grid, M tile fastest (CTAs sharing a W slab run together when M > BLOCK_M), then the
     # K split, then the N tile
     pid = tl.program_id(0)
@@ -200,7 +203,7 @@ def _skinny_kernel(x_ptr, g_ptr, w_ptr, b_ptr, r_ptr, o_ptr, ws_ptr, ss_ptr, cnt
             if NORM:
                 ss += tl.sum(sq, axis=1)
             # W tile is the MMA's A operand (BLOCK_N rows), x^T the narrow B operand
-            acc = tl.dot(w, tl.trans(x), acc)
+            acc = tl.dot(w.to(x.dtype), tl.trans(x), acc)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
             g_ptrs += BLOCK_K
@@ -244,6 +247,8 @@ def _skinny_kernel(x_ptr, g_ptr, w_ptr, b_ptr, r_ptr, o_ptr, ws_ptr, ss_ptr, cnt
             x_row += BLOCK_K
             g_row += BLOCK_K
 
+    if HAS_SCALE:
+        acc = acc * tl.load(s_ptr + rn, mask=n_ok, other=0.0)[:, None]
     if SPLIT:
         # partial -> workspace [SPLIT_K, M, N] fp32 (and, NORM, the partial sums of squares ->
         # [SPLIT_K, N tiles, M]); the last of the SPLIT_K CTAs of this tile (the counter's old
@@ -329,7 +334,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   config: Config | None = None, out_dtype: torch.dtype | None = None,
                   gated: bool = False, gate: torch.Tensor | None = None, norm: bool = False,
                   residual: torch.Tensor | None = None, eps: float = 1e-8, pdl: bool = False,
-                  prefetch: int = 0) -> torch.Tensor:
+                  prefetch: int = 0, scale: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for few-row x: x [..., K], weight [N, K] (row-major, like
     nn.Linear.weight), bias [N] or None. fp32 accumulation; the result is in out_dtype (default
     x.dtype; float32 e.g. for lm_head logits). config: a Config (a TunedTable's choose_config),
@@ -346,10 +351,18 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     `prefetch` bytes of its W slab into L2 before waiting on the previous kernel (see
     tnl.kernels.config.KernelConfig).
 
+    scale: [N] float32 for an 8-bit weight (int8 or float8_e4m3fn, tnl.kernels.quant): out = x @
+    (scale[:, None] * weight).T, each W tile converted to x's dtype in registers.
+
     One kernel launch, no host sync: safe to capture in a CUDA graph. Concurrent split-K calls on
     different streams of one device would share the arrival counters: use one stream at a time."""
     N, K = weight.shape
-    assert x.dtype == weight.dtype, (x.dtype, weight.dtype)
+    if scale is None:
+        assert x.dtype == weight.dtype, (x.dtype, weight.dtype)
+    else:
+        assert weight.dtype in (torch.int8, torch.float8_e4m3fn), weight.dtype
+        assert scale.shape == (weight.shape[0],) and scale.dtype == torch.float32 and scale.stride(0) == 1, \
+            (scale.shape, scale.dtype)
     assert weight.stride(-1) == 1, "weight must be row-major (contiguous along K)"
     assert not (gated and gate is not None), "gated=True takes the gate from x's second half"
     lead = x.shape[:-1]
@@ -392,6 +405,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     grid = (num_m * num_n * split,)
     _skinny_kernel[grid](x2, g2, weight, bias if bias is not None else out, out, out, ws, ss, cnt, M, N, K,
                          x2.stride(0), g2.stride(0), weight.stride(0), out.stride(0), out.stride(0), split, eps,
+                         **({} if scale is None else dict(s_ptr=scale, HAS_SCALE=True)),
                          **_meta(cfg, N, K, split, bias is not None, gated or gate is not None, norm,
                                  residual is not None, w_aligned=weight.data_ptr() % 16 == 0
                                  and weight.stride(0) * weight.element_size() % 16 == 0, pdl=pdl,

@@ -232,6 +232,7 @@ class TransnormerForCausalLM(nn.Module):
         self.backend = backend or Backend()    # the kernels the forward runs (default: plain PyTorch)
         self.model = TransnormerModel(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.quantization = "none"   # the layer matrices' storage: tnl.kernels.quant.quantize_model sets it
 
     # ---- weights -------------------------------------------------------------------------
     @property
@@ -251,10 +252,11 @@ class TransnormerForCausalLM(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
         return self
 
-    def new_state_pool(self, num_slots: int, device=None) -> list[torch.Tensor]:
-        """Per layer a [num_slots, H, dk, dv] float32 zero tensor."""
+    def new_state_pool(self, num_slots: int, device=None, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+        """Per layer a [num_slots, H, dk, dv] zero tensor in `dtype` (float32, or a 16-bit state
+        dtype: the kernels still accumulate in float32)."""
         device = device or self.model.embed_tokens.weight.device
-        return [torch.zeros(num_slots, *s, dtype=torch.float32, device=device) for s in self.config.state_shapes()]
+        return [torch.zeros(num_slots, *s, dtype=dtype, device=device) for s in self.config.state_shapes()]
 
     # ---- inference ------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, batch: AttnBatch, pools: list[torch.Tensor]) -> torch.Tensor:

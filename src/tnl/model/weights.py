@@ -41,6 +41,7 @@ from tqdm import tqdm
 from tnl.config import ModelConfig
 from tnl.kernels.backend import Backend
 from tnl.kernels.config import KernelConfig
+from tnl.kernels.quant import check_device, quantize_model
 from tnl.model.transnormer import Lrpe, TransnormerForCausalLM, expected_tensors, packed_part
 
 logger = logging.getLogger(__name__)
@@ -337,7 +338,8 @@ def _check_ignored_head(wf: WeightFiles, found: dict, model: TransnormerForCausa
 
 
 def load_model(path: str, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
-               progress: bool = True, kernel_config: KernelConfig | None = None) -> TransnormerForCausalLM:
+               progress: bool = True, kernel_config: KernelConfig | None = None,
+               quantization: str = "none") -> TransnormerForCausalLM:
     """Load a TransNormerLLM checkpoint directory.
 
     Args:
@@ -348,6 +350,8 @@ def load_model(path: str, device: str | torch.device = "auto", dtype: str | torc
         progress: show a progress bar over bytes on stderr (only when stderr is a terminal).
         kernel_config: the kernels the model runs (default KernelConfig(): fla and Triton where
             they load on CUDA, PyTorch on the CPU); its Backend is built here for `device`.
+        quantization: "none", or "int8" / "fp8": the layer matrices quantized once loaded
+            (tnl.kernels.quant.quantize_model; the embedding and the head keep `dtype`).
     Returns:
         the model in eval mode, gradients off, every parameter and buffer on `device`, with its
         kernel backend.
@@ -358,6 +362,7 @@ def load_model(path: str, device: str | torch.device = "auto", dtype: str | torc
     """
     dev = resolve_device(device)
     target = resolve_dtype(dtype, dev)
+    check_device(quantization, dev)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory; expected a checkpoint folder with "
                               f"{CONFIG_NAME} and weight files")
@@ -405,6 +410,7 @@ def load_model(path: str, device: str | torch.device = "auto", dtype: str | torc
         _check_ignored_head(wf, found, model)
     model.eval()
     model.requires_grad_(False)
+    quantize_model(model, quantization)
     logger.info("loaded %s: %d tensors, %.2f GB (%s) in %.2f s (%.2f GB/s) -> %s %s%s",
                 path, len(found) - len(skip), read_bytes / 1e9, wf.fmt, seconds,
                 read_bytes / 1e9 / max(seconds, 1e-9), dev, str(target).removeprefix("torch."),
@@ -521,10 +527,11 @@ RANDOM_7B = {  # the official 7B shapes (config.json keys)
 
 
 def random_model(cfg_dict: dict, device: torch.device, dtype: torch.dtype, seed: int = 0,
-                 kernel_config: KernelConfig | None = None):
+                 kernel_config: KernelConfig | None = None, quantization: str = "none"):
     """A random model built straight on the device (no files): for speed, which does not depend
     on the weights. Matrices normal(0, 0.02) in `dtype`; LRPE theta and the decay buffers keep
-    their float32 values. kernel_config: as for load_model."""
+    their float32 values. kernel_config, quantization: as for load_model."""
+    check_device(quantization, device)
     cfg = ModelConfig.from_dict(cfg_dict)
     torch.manual_seed(seed)
     backend = Backend(kernel_config, device)
@@ -534,4 +541,4 @@ def random_model(cfg_dict: dict, device: torch.device, dtype: torch.dtype, seed:
         for name, p in m.named_parameters():
             if not name.endswith("lrpe.theta"):
                 p.data = torch.empty_like(p, dtype=dtype).normal_(0, 0.02)
-    return m.eval().requires_grad_(False)
+    return quantize_model(m.eval().requires_grad_(False), quantization)

@@ -64,6 +64,8 @@ class ServerConfig:
     port: int = DEFAULT_PORT
     device: str = "auto"
     dtype: str = "auto"
+    quantization: str = "none"    # the layer matrices in 8 bits (tnl.config.QUANTIZATIONS)
+    state_dtype: str | None = None   # the state pool's storage (None: EngineConfig's float32)
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     max_waiting: int | None = None
@@ -106,7 +108,7 @@ class ServerConfig:
 
         return engine_config(**{name: getattr(self, name) for name in (
             "max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_prompt_tokens", "async_scheduling",
-            "enable_prefix_caching", "prefix_cache_gb", "prefix_cache_dir", "prefix_cache_dir_gb")})
+            "enable_prefix_caching", "prefix_cache_gb", "prefix_cache_dir", "prefix_cache_dir_gb", "state_dtype")})
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "ServerConfig":

@@ -252,7 +252,7 @@ def serve(config: ServerConfig) -> int:
         return AsyncEngine(build_engine(path, device=config.device, dtype=config.dtype,
                                         engine_config=config.engine_config(),
                                         chat_template_file=config.chat_template, threads=config.threads,
-                                        kernel_config=config.kernel_config))
+                                        kernel_config=config.kernel_config, quantization=config.quantization))
 
     server: uvicorn.Server | None = None
 
