@@ -147,8 +147,14 @@ def cmd_download(a) -> int:
 
 
 def cmd_serve(a) -> int:
-    from tnl.server import serve
     from tnl.server.config import ServerConfig
+    if a.ray:   # only here is Ray imported (pip install "tnl[ray]")
+        try:
+            from tnl.ray_app import RayOptions, serve_ray
+        except ImportError as e:
+            raise RuntimeError(f"--ray needs Ray Serve ({e}): pip install \"tnl[ray]\"") from None
+        return serve_ray(ServerConfig.from_args(a), RayOptions.from_args(a))
+    from tnl.server import serve
     return serve(ServerConfig.from_args(a)) or 0
 
 

@@ -199,4 +199,47 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=d.log_level,
                         choices=["debug", "info", "warning", "error"], help="log level (default info)")
     add_kernel_args(parser)
+    add_ray_args(parser)
     return parser
+
+
+# A state moves between replicas when the prefix it saves is at least this long: a 7B state is
+# 65 MB, and its export plus import took ~0.43 s on an H200 while prefill ran ~20k tokens/s there
+# (README, "Saving a conversation and moving it to another server"), so ~8k tokens break even.
+DEFAULT_MOVE_STATE_MIN_TOKENS = 8192
+
+
+def _nonnegative_float(text: str) -> float:
+    return checked(text, float, "a number", lambda v: v >= 0, "expected a number >= 0, got {text}")
+
+
+def _nonnegative_int(text: str) -> int:
+    return checked(text, int, "an integer", lambda v: v >= 0, "expected an integer >= 0, got {text}")
+
+
+def add_ray_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of `tnl serve --ray` (tnl.ray_app.RayOptions; Ray is imported only with --ray)."""
+    g = parser.add_argument_group("scale-out on Ray Serve (pip install 'tnl[ray]')")
+    g.add_argument("--ray", action="store_true",
+                   help="serve through Ray Serve: one endpoint at --host/--port over --num-replicas engines, "
+                        "requests routed to the replica that holds their prompt's state")
+    g.add_argument("--num-replicas", type=positive_int, default=None,
+                   help="engine replicas (default 1; with `serve run`, the config file may set it or autoscaling)")
+    g.add_argument("--ray-address", default=None,
+                   help="the Ray cluster to join ('auto': the one this machine belongs to); default: a local "
+                        "Ray instance, or the one RAY_ADDRESS names")
+    g.add_argument("--replica-gpus", type=_nonnegative_float, default=None,
+                   help="GPUs per replica (default 1 when the cluster has GPUs and --device is not cpu, else 0; "
+                        "0.5 puts two replicas on one GPU: then set --max-num-seqs and --prefix-cache-gb)")
+    g.add_argument("--replica-cpus", type=_nonnegative_float, default=1.0,
+                   help="CPUs Ray reserves per replica (default 1; fractions allowed)")
+    g.add_argument("--ingress-replicas", type=positive_int, default=1,
+                   help="replicas of the ingress that routes requests to the engines (default 1; each keeps "
+                        "its own view of where the states are)")
+    g.add_argument("--ray-router", choices=["affine", "random"], default="affine",
+                   help="affine (default): by the longest prompt prefix a replica holds, else by load; "
+                        "random: any replica (the baseline of benchmarks/ray_bench.py)")
+    g.add_argument("--move-state-min-tokens", type=_nonnegative_int, default=DEFAULT_MOVE_STATE_MIN_TOKENS,
+                   help=f"when a request's state holder is saturated and it goes elsewhere, move the state "
+                        f"there if it saves at least this many tokens of prefill; 0: never move "
+                        f"(default {DEFAULT_MOVE_STATE_MIN_TOKENS})")

@@ -20,6 +20,7 @@ import logging
 import signal
 import socket
 import sys
+from collections.abc import Callable
 
 import uvicorn
 
@@ -217,6 +218,34 @@ class _Server(uvicorn.Server):
             conn.transport.abort()   # (close() would wait for the unread bytes to be sent)
 
 
+def resolve_model(config: ServerConfig) -> str:
+    """The model's local directory (or RANDOM_MODEL). Mistakes that a directory or hub lookup
+    shows are raised here, before anything slow; a hub id not in the cache is downloaded."""
+    from tnl.config import ModelConfig
+    from tnl.loading import RANDOM_MODEL, resolve_model_dir
+
+    if config.model == RANDOM_MODEL:
+        return config.model
+    path = resolve_model_dir(config.model, config.source, config.cache_dir, config.revision)
+    ModelConfig.from_file(path)
+    return path
+
+
+def engine_loader(config: ServerConfig, path: str) -> Callable[[], object]:
+    """build_app's `load_engine`: builds the AsyncEngine of `config` over the model at `path`
+    (`serve`'s, and each replica's under Ray Serve, tnl.ray_app)."""
+    def load_engine():
+        from tnl.engine import AsyncEngine
+        from tnl.loading import build_engine
+
+        log.info("loading %s on %s (%s)", config.model or "the bundled demo model", config.device, config.dtype)
+        return AsyncEngine(build_engine(path, device=config.device, dtype=config.dtype,
+                                        engine_config=config.engine_config(),
+                                        chat_template_file=config.chat_template, threads=config.threads,
+                                        kernel_config=config.kernel_config, quantization=config.quantization))
+    return load_engine
+
+
 def serve(config: ServerConfig) -> int:
     """Serve `config.model` on config.host:config.port. Returns 0 after a clean shutdown.
 
@@ -224,17 +253,10 @@ def serve(config: ServerConfig) -> int:
     checkpoint whose config.json tnl cannot run, or weights that failed to load) with a
     one-line message; the traceback is logged at debug level (`tnl -v serve`)."""
     _configure_logging(config.log_level)
-    from tnl.config import ModelConfig
-    from tnl.loading import RANDOM_MODEL, build_engine, resolve_model_dir
-
     sock = listen_socket(config.host, config.port)
     try:
-        # Mistakes that a directory or hub lookup shows are found before the port opens; a hub
-        # id not in the cache is downloaded here. Only the weights load behind /health's 503.
-        path = config.model
-        if config.model != RANDOM_MODEL:
-            path = resolve_model_dir(config.model, config.source, config.cache_dir, config.revision)
-            ModelConfig.from_file(path)
+        # Only the weights load behind /health's 503.
+        path = resolve_model(config)
     except BaseException:
         sock.close()
         raise
@@ -244,16 +266,9 @@ def serve(config: ServerConfig) -> int:
     # the HTTP inter-token p50 was 14.4 ms against a 9.4 ms engine step, a 5.0 ms gap (see
     # BENCHMARKS.md). A 0.5 ms interval bounds that wait.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    from tnl.engine import AsyncEngine
     from tnl.server.app import build_app
 
-    def load_engine():
-        log.info("loading %s on %s (%s)", config.model or "the bundled demo model", config.device, config.dtype)
-        return AsyncEngine(build_engine(path, device=config.device, dtype=config.dtype,
-                                        engine_config=config.engine_config(),
-                                        chat_template_file=config.chat_template, threads=config.threads,
-                                        kernel_config=config.kernel_config, quantization=config.quantization))
-
+    load_engine = engine_loader(config, path)
     server: uvicorn.Server | None = None
 
     def stop() -> None:
