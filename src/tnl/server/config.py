@@ -65,7 +65,7 @@ class ServerConfig:
     device: str = "auto"
     dtype: str = "auto"
     quantization: str = "none"    # the layer matrices in 8 bits (tnl.config.QUANTIZATIONS)
-    state_dtype: str | None = None   # the state pool's storage (None: EngineConfig's float32)
+    state_dtype: str = "float32"   # the state pool's storage (tnl.config.STATE_DTYPES; the flag's default)
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     max_waiting: int | None = None
