@@ -163,6 +163,11 @@ def cmd_bench(a) -> int:
     return main(a)
 
 
+def cmd_tune(a) -> int:
+    from tnl.tune import main
+    return main(a)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tnl", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     from tnl import __version__
@@ -214,6 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "time at long context, each next to a ceiling measured in the same run.")
     add_bench_args(b)
     b.set_defaults(func=cmd_bench)
+
+    from tnl.tune import add_tune_args
+    t = sub.add_parser("tune", help="measure this card's kernel table (skinny GEMM, fla configs) for tnl to use",
+                       description="Measure the skinny-GEMM and fla prompt-kernel configs on this GPU and write "
+                                   "the table that tnl then uses on it ($TNL_CACHE_DIR/tuned/<card>.json).")
+    add_tune_args(t)
+    t.set_defaults(func=cmd_tune)
     return p
 
 

@@ -76,28 +76,36 @@ def test_fused_feature_map_decode_matches_torch(lrpe, backend):
     assert rel_err(p2, p1) < 1e-3
 
 
+@pytest.mark.parametrize("direct", [True, False])
 @pytest.mark.parametrize("dk", [128, 256])
-def test_fla_varlen_prefill_matches_torch_with_pool_states(dk, backend):
-    """Backend.prefill_attention from raw projections (silu applied there, then fla) against the
-    float64 chunk loop on the same feature-mapped inputs."""
+def test_fla_varlen_prefill_matches_torch_with_pool_states(dk, direct):
+    """Backend.prefill_attention from raw projections (silu applied there, then fla: its kernels
+    launched directly with AttnBatch's host-built indices, or its public chunk_simple_gla) against
+    the float64 chunk loop on the same feature-mapped inputs; fla's configs pinned to one."""
     pytest.importorskip("fla")
+    from tnl.kernels.fla_prefill import _autotuner
+    from tnl.model.transnormer import AttnBatch
+    backend = Backend(KernelConfig(fla_direct=direct), DEV)
+    assert backend.fla is not None and backend.fla.direct == direct
+    if torch.cuda.get_device_capability() == (9, 0):
+        assert set(backend.fla.pinned) == {"chunk_fwd_kernel_h", "chunk_fwd_kernel_o"}
+        assert all(len(_autotuner(k).configs) == 1 for k in backend.fla.kernels.values())
     H, dv = 4, 128
-    lens = [1, 255, 256, 257, 700]
+    lens = [1, 63, 64, 65, 255, 256, 257, 700]
     T = sum(lens)
     raw_q, raw_k, v = _qkv(T, H, dk, dv, torch.bfloat16, 1, features=False)
     q, k = (torch_ops.feature_map(t, None, None) for t in (raw_q, raw_k))
     slope = torch.linspace(0.02, 0.5, H, device=DEV)
-    pool = torch.randn(8, H, dk, dv, device=DEV) * 0.1
-    slots = torch.tensor([6, 0, 3, 5, 1], device=DEV)
-    cu = [0]
-    for n in lens:
-        cu.append(cu[-1] + n)
+    pool = torch.randn(10, H, dk, dv, device=DEV) * 0.1
+    slot_list = [6, 0, 3, 5, 1, 9, 2, 7]
+    batch = AttnBatch.build([], [(s, 0, n) for s, n in zip(slot_list, lens)], DEV)
+    slots, cu = batch.prefill_slots, batch.cu_seqlens_list
     p_ref = pool.clone()
     init = p_ref.index_select(0, slots)
     o_ref, fin = torch_ops.varlen_chunk_attention(q.double(), k.double(), v.double(), slope.double(), init.double(), cu)
     p_ref.index_copy_(0, slots, fin.float())
     p_fast = pool.clone()
-    o = backend.prefill_attention(raw_q, raw_k, v, slope, p_fast, slots, torch.tensor(cu, device=DEV), cu)
+    o = backend.prefill_attention(raw_q, raw_k, v, slope, p_fast, slots, batch.cu_seqlens, cu, meta=batch.chunk_meta)
     assert backend.names()["prefill"].startswith("fla")
     assert rel_err(o.float(), o_ref) < 5e-3
     assert rel_err(p_fast, p_ref) < 5e-3
@@ -133,6 +141,39 @@ def _build(cfg, sd, device, dtype):
         layer.channel_mixer.to(dtype)
     m.model.embed_tokens.to(dtype)
     return m.eval()
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_mixed_step_forward_never_waits_for_the_device(small_model, direct):
+    """A forward of decode rows beside prompt chunks queues all its work without one host sync
+    (CUDA's sync debug mode raises on any): fla's varlen indices come from AttnBatch.build, not
+    from a per-layer .item(). Through fla's public API (direct=False) it does sync: the check bites."""
+    pytest.importorskip("fla")
+    from tnl.model.transnormer import AttnBatch, to_device
+    cfg, sd = small_model
+    m = _build(cfg, sd, DEV, torch.bfloat16)
+    m.backend = Backend(KernelConfig(fla_direct=direct), DEV)
+    for layer in m.modules():
+        if hasattr(layer, "backend"):
+            layer.backend = m.backend
+    pools = m.new_state_pool(8, torch.device(DEV), torch.float32)
+    decode, prefill = [(0, 5), (1, 9)], [(2, 0, 70), (3, 12, 5)]
+    ids_list = list(range(3, 3 + 2 + 75))
+    m(torch.tensor(ids_list, device=DEV), AttnBatch.build(decode, prefill, DEV), pools)   # compile first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        if direct:
+            batch = AttnBatch.build(decode, prefill, DEV)
+            hidden = m(to_device(ids_list, torch.long, DEV), batch, pools)
+        else:
+            with pytest.raises(RuntimeError, match="synchroniz"):
+                batch = AttnBatch.build(decode, prefill, DEV)
+                m(to_device(ids_list, torch.long, DEV), batch, pools)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    if direct:
+        assert torch.isfinite(hidden.float()).all()
 
 
 def test_cuda_bf16_logits_match_cpu_float32(small_model):

@@ -10,7 +10,7 @@ import torch
 
 from tnl.engine.request import Request
 from tnl.engine.scheduler import SchedulerOutput
-from tnl.model.transnormer import AttnBatch, TransnormerForCausalLM
+from tnl.model.transnormer import AttnBatch, TransnormerForCausalLM, to_device
 
 log = logging.getLogger(__name__)
 
@@ -209,9 +209,9 @@ class ModelRunner:
             host_ids.extend(r.prompt_token_ids[r.num_computed:r.num_computed + n])
             prefill_spec.append((r.slot, r.num_computed, n))
         attn = AttnBatch.build([(r.slot, r.num_computed) for r in eager_decode], prefill_spec, self.device)
-        ids = torch.tensor(host_ids, dtype=torch.long, device=self.device)
+        ids = to_device(host_ids, torch.long, self.device)
         if src is not None:
-            src_t = torch.tensor(src + [-1] * (len(host_ids) - len(src)), dtype=torch.long, device=self.device)
+            src_t = to_device(src + [-1] * (len(host_ids) - len(src)), torch.long, self.device)
             _take_in_flight(ids, src_t, prev_tokens)
         hidden = self.model(ids, attn, self.pool.layers)
 
@@ -226,7 +226,8 @@ class ModelRunner:
                 rows.append(off + n - 1)
                 reqs.append(r)
             off += n
-        logits = self.model.logits(hidden[rows]) if rows else hidden.new_zeros(0, 1)
+        logits = self.model.logits(hidden.index_select(0, to_device(rows, torch.long, self.device))) if rows \
+            else hidden.new_zeros(0, 1)
         if decode_logits is not None:
             logits = torch.cat([decode_logits, logits]) if rows else decode_logits
         return ModelOutput(_with_rows(logits, cached_logits), reqs + list(batch.cached), prompt_logits)

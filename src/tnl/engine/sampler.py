@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from tnl.engine.request import Request
+from tnl.model.transnormer import to_device as _to_device
 
 
 @dataclass
@@ -83,13 +84,6 @@ class PendingSample:
             for i, d in zip(rows, dicts):
                 lps[i] = d
         return SampleResult(chosen, lps, sampled_lp)
-
-
-def _to_device(values: list, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
-    """A small host list on the device without waiting for the stream (pinned staging)."""
-    if dev.type != "cuda":
-        return torch.tensor(values, dtype=dtype)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(dev, non_blocking=True)
 
 
 def apply_penalties(logits: torch.Tensor, req: Request) -> None:

@@ -1,11 +1,11 @@
 """The kernel backend: which implementation runs each operation of the model, decided once from a
 KernelConfig and a device.
 
-On CUDA (kernels "auto"): fla's chunk_simple_gla for prompt chunks, tnl's Triton kernels for the
-decode step and the norms (triton_decode), and tnl's Triton skinny GEMM (triton_gemm) for
-decode-sized matmuls where a tuned table measured it faster than cuBLAS: on Hopper (sm_90) the
-table shipped in gemm_tuned_sm90.json (measured on an H100), elsewhere only with a table given
-in the config. Everything else, and everything on the CPU, runs the plain PyTorch path (torch_ops).
+On CUDA (kernels "auto"): fla's chunk kernels for prompt chunks (fla_prefill: launched directly
+with host-built indices, configs pinned), tnl's Triton kernels for the decode step and the norms
+(triton_decode), and tnl's Triton skinny GEMM (triton_gemm) for decode-sized matmuls where a tuned
+table measured it faster than cuBLAS. The table (tuned.choose_table): `tnl tune`'s for this card,
+else one shipped for it (kernels/tuned/), else the sm_90 one (measured on an H100). Everything else, and everything on the CPU, runs the plain PyTorch path (torch_ops).
 
 Both attention entry points take the RAW q/k projections and apply the feature map (silu, then
 LRPE where the layer has theta) themselves: fused into the Triton decode kernel, with
@@ -15,14 +15,13 @@ back in place.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from tnl.config import ModelConfig
-from tnl.kernels import quant, torch_ops
+from tnl.kernels import quant, torch_ops, tuned
 from tnl.kernels.config import KernelConfig
 from tnl.kernels.quant import QuantWeight
 
@@ -30,7 +29,6 @@ log = logging.getLogger(__name__)
 
 SKINNY_MAX_M = 64        # rows up to which a plain matmul may take the skinny GEMM (the tuned range)
 SKINNY_GATED_MAX_M = 32  # ... a gated one (gemm_bench, H100: 1.13x at 1-16 rows, 1.01x at 32, 0.73x at 64)
-TUNED_SM90 = os.path.join(os.path.dirname(__file__), "gemm_tuned_sm90.json")
 _HALF = (torch.bfloat16, torch.float16)   # float32 stays with cuBLAS (tl.dot would round to tf32)
 
 # plain: F.linear(x, W); gated: F.linear(a * b, W) for x = [a | b]; fused: the fused decode
@@ -42,7 +40,7 @@ class Backend:
     """The kernels one model runs, loaded once: `Backend(KernelConfig(), device)`. On the CPU, or
     with kernels "torch", every operation is plain PyTorch (which runs on any device).
 
-    Attributes: config, device; fla_chunk (fla's chunk_simple_gla or None), triton_decode (the
+    Attributes: config, device; fla (fla_prefill.FlaPrefill or None), triton_decode (the
     tnl.kernels.triton_decode module or None), gemm (the skinny GEMM's TunedTable or None; its
     kernels in gemm_kernels) and gemm_table (the table's path), pdl (programmatic dependent launch
     in use: asked for and sm_90+).
@@ -51,7 +49,8 @@ class Backend:
     def __init__(self, config: KernelConfig | None = None, device: torch.device | str = "cpu"):
         self.config = config or KernelConfig()
         self.device = torch.device(device)
-        self.fla_chunk = None
+        self.fla = None           # tnl.kernels.fla_prefill.FlaPrefill on CUDA with fla-core
+        self.table_note = "none"
         self.triton_decode = None
         self.gemm = None
         self.gemm_kernels = None
@@ -72,21 +71,24 @@ class Backend:
             return
         capability = torch.cuda.get_device_capability(self.device)
         self.pdl = cfg.pdl and capability >= (9, 0)
+        name = torch.cuda.get_device_name(self.device)
+        choice = tuned.choose_table(name, capability, cfg.gemm_table)
+        self.table_note = choice.describe(name)
         try:
-            from fla.ops.simple_gla import chunk_simple_gla
-            self.fla_chunk = chunk_simple_gla
-        except Exception as e:  # fla-core is optional: the [cuda] extra
+            from tnl.kernels.fla_prefill import FlaPrefill
+            self.fla = FlaPrefill(tuned.fla_configs(choice, capability), direct=cfg.fla_direct)
+        except ImportError as e:  # fla-core is optional: the [cuda] extra
             log.warning("fla-core not importable (%s); CUDA prefill uses the PyTorch path", e)
         try:
             from tnl.kernels import triton_decode
             self.triton_decode = triton_decode
         except Exception as e:
             log.warning("Triton decode kernel unavailable (%s); CUDA decode uses the PyTorch path", e)
+        log.info("kernel table: %s", self.table_note)
         if cfg.skinny_gemm == "off":
             log.info("skinny GEMM off (skinny_gemm 'off'): decode matmuls use cuBLAS")
             return
-        path = cfg.gemm_table or (TUNED_SM90 if capability == (9, 0) else None)
-        if path is None:
+        if choice.path is None:
             return
         try:
             from tnl.kernels import triton_gemm
@@ -94,15 +96,15 @@ class Backend:
             log.warning("skinny GEMM unavailable (%s); decode matmuls use cuBLAS", e)
             return
         try:
-            self.gemm = triton_gemm.TunedTable.load(path)
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            self.gemm = triton_gemm.TunedTable.load(choice.obj)
+        except (ValueError, KeyError, TypeError) as e:
             if cfg.gemm_table is not None:
-                raise ValueError(f"gemm table {path}: cannot read it ({type(e).__name__}: {e}); expected the JSON "
-                                 "that benchmarks/gemm_bench.py --json writes") from None
-            log.warning("skinny GEMM table %s unreadable (%s); decode matmuls use cuBLAS", path, e)
+                raise ValueError(f"gemm table {choice.path}: cannot read it ({type(e).__name__}: {e}); expected the "
+                                 "JSON that `tnl tune` writes") from None
+            log.warning("skinny GEMM table %s unreadable (%s); decode matmuls use cuBLAS", choice.path, e)
             return
         self.gemm_kernels = triton_gemm
-        self.gemm_table = path
+        self.gemm_table = choice.path
 
     def names(self) -> dict[str, str]:
         """Which implementation runs each part (for logs and bench output)."""
@@ -111,7 +113,7 @@ class Backend:
         else:
             matmul = f"triton skinny GEMM where tuned ({len(self.gemm)} shapes from {self.gemm_table}), else cuBLAS"
         fused, rows = self.config.fused_decode, self.config.fused_decode_max_rows
-        return {"prefill": "fla.chunk_simple_gla" if self.fla_chunk else "torch",
+        return {"prefill": self.fla.name() if self.fla else "torch",
                 "decode": "triton" if self.triton_decode else "torch",
                 "decode_matmul": matmul,
                 "fused_decode": fused if fused != "auto" else f"auto (up to {rows} row{'s' * (rows != 1)})",
@@ -314,18 +316,17 @@ class Backend:
         return torch_ops.recurrent_step(q, k, v, decay, pool, slots)
 
     def prefill_attention(self, q, k, v, slope, pool, slots, cu_seqlens, cu_seqlens_list, theta=None,
-                          positions=None, chunk_size: int = 256) -> torch.Tensor:
+                          positions=None, chunk_size: int = 256, meta: tuple | None = None) -> torch.Tensor:
         """Packed prompt chunks from RAW projections (the feature map applied here, then fla's
         chunked kernel on CUDA or the PyTorch chunk loop). q, k, v [T, H, dh]; slope [H];
         pool [S, H, dk, dv] f32; slots [N]; cu_seqlens [N+1] (and as a list); theta [H, 1, dh] or
-        None; positions [T]. Returns o [T, H, dv]."""
+        None; positions [T]; meta: fla's varlen indices built on the host (AttnBatch.chunk_meta; None:
+        fla builds them, with a host sync). Returns o [T, H, dv]."""
         q = torch_ops.feature_map(q, theta, positions)
         k = torch_ops.feature_map(k, theta, positions)
         init = pool.index_select(0, slots).float()   # a 16-bit pool (state_dtype): float32 from here on
-        if q.is_cuda and self.fla_chunk is not None:
-            o, final = self.fla_chunk(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), g_gamma=-slope, scale=1.0,
-                                      initial_state=init, output_final_state=True, cu_seqlens=cu_seqlens)
-            o = o.squeeze(0)
+        if q.is_cuda and self.fla is not None:
+            o, final = self.fla(q, k, v, slope, init, cu_seqlens, meta)
         else:
             o, final = torch_ops.varlen_chunk_attention(q, k, v, slope, init, cu_seqlens_list, chunk_size)
         pool.index_copy_(0, slots, final.to(pool.dtype))   # rounded once, to the pool's dtype

@@ -25,9 +25,12 @@ class KernelConfig:
         device: the fallback if a fast kernel misbehaves). On the CPU both mean PyTorch.
     skinny_gemm: "auto" sends decode-sized matmuls (up to 64 rows) to tnl's Triton skinny GEMM
         where the tuned table measured it faster than cuBLAS; "off" keeps cuBLAS (the A/B).
-    gemm_table: a tuned table written by benchmarks/gemm_bench.py; None uses the table shipped for
-        the card (sm_90: gemm_tuned_sm90.json, measured on an H100), and no skinny GEMM on a card
-        without one (an untuned kernel is not known to beat cuBLAS).
+    gemm_table: a tuned table written by `tnl tune`; None uses `tnl tune`'s table for this card,
+        else the one shipped for it, else the sm_90 one (measured on an H100; tnl.kernels.tuned),
+        and no skinny GEMM on a card without any (an untuned kernel is not known to beat cuBLAS).
+    fla_direct: launch fla's prompt kernels directly with host-built indices (no host sync per
+        layer; tnl.kernels.fla_prefill), or through fla's public chunk_simple_gla (False; the
+        A/B, and what any fla-core but the pinned version gets). None: direct where supported.
     fused_decode: "auto" runs the fused decode layers (every norm, gate and residual add inside
         a skinny GEMM: five kernels per layer instead of eight) at up to fused_decode_max_rows
         rows where the table covers every layer matmul; "off" never; "on" always, through the
@@ -44,6 +47,7 @@ class KernelConfig:
     kernels: str = "auto"
     skinny_gemm: str = "auto"
     gemm_table: str | None = None
+    fla_direct: bool | None = None
     fused_decode: str = "auto"
     # Measured on an H100, 7B decode, tok/s fused vs unfused: batch 1 199.8 vs 194.4, 2: 362 vs 370,
     # 4: 700 vs 742, 8: 1446 vs 1443, 16: 2660 vs 2650, 32: 3948 vs 4445, 64: 6258 vs 7230 -- a win
@@ -64,6 +68,8 @@ class KernelConfig:
                 raise ValueError(f"KernelConfig.{name} = {value!r}; expected a whole number >= 0")
         if not isinstance(self.pdl, bool):
             raise ValueError(f"KernelConfig.pdl = {self.pdl!r}; expected True or False")
+        if self.fla_direct is not None and not isinstance(self.fla_direct, bool):
+            raise ValueError(f"KernelConfig.fla_direct = {self.fla_direct!r}; expected True, False or None")
         if self.gemm_table is not None and not isinstance(self.gemm_table, str):
             raise ValueError(f"KernelConfig.gemm_table = {self.gemm_table!r}; expected a file path or None")
 
@@ -80,8 +86,7 @@ def _whole_number(text: str) -> int:
 
 def _table_file(text: str) -> str:
     if not os.path.isfile(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a file; expected the JSON that "
-                                         "benchmarks/gemm_bench.py --json writes")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file; expected the JSON that `tnl tune` writes")
     return text
 
 
@@ -96,8 +101,11 @@ def add_kernel_args(parser: argparse.ArgumentParser) -> None:
                    help="auto: Triton skinny GEMM for decode matmuls where the tuned table says it beats "
                         "cuBLAS; off: cuBLAS only (default auto)")
     g.add_argument("--gemm-table", type=_table_file, default=d.gemm_table, metavar="PATH",
-                   help="tuned skinny-GEMM table from benchmarks/gemm_bench.py --json (default: the one "
-                        "shipped for this card, if any)")
+                   help="tuned kernel table from `tnl tune` (default: tnl tune's for this card, else the one "
+                        "shipped for it or its architecture)")
+    g.add_argument("--fla-direct", action=argparse.BooleanOptionalAction, default=d.fla_direct,
+                   help="launch fla's prompt kernels directly, indices built on the host (default: where the "
+                        "installed fla-core is the tested version)")
     g.add_argument("--fused-decode", choices=FUSED_DECODE, default=d.fused_decode,
                    help="fused decode layers (norms and residual adds inside the matmuls): auto where tuned, "
                         "off, or on (default auto)")

@@ -27,7 +27,17 @@ import torch.nn.functional as F
 
 from tnl.config import ModelConfig, layer_slopes
 from tnl.kernels.backend import Backend, BlockOps
+from tnl.kernels.fla_prefill import varlen_meta
 from tnl.kernels.torch_ops import chunk_attention, feature_map, rms_norm
+
+
+def to_device(values: list, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A small host list on the device without waiting for the stream (pinned staging: a plain
+    torch.tensor(..., device=cuda) synchronizes the stream, which stalls a step's launches)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 @dataclass
@@ -48,21 +58,34 @@ class AttnBatch:
     prefill_slots: torch.Tensor
     cu_seqlens: torch.Tensor
     cu_seqlens_list: list[int]
+    chunk_meta: tuple | None = None   # fla's varlen indices (split_offsets, chunk_indices, NS), host-built
 
     @classmethod
     def build(cls, decode: list[tuple[int, int]], prefill: list[tuple[int, int, int]],
               device: torch.device | str) -> "AttnBatch":
-        """decode: (slot, position) per decode token; prefill: (slot, start_position, n_tokens)."""
+        """decode: (slot, position) per decode token; prefill: (slot, start_position, n_tokens).
+        Every index goes to the device in one copy (each part 16-byte aligned: Triton compiles a
+        kernel per pointer alignment)."""
         pos = [p for _, p in decode]
         cu = [0]
         for _, start, n in prefill:
             pos.extend(range(start, start + n))
             cu.append(cu[-1] + n)
-        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
-        return cls(positions=as_long(pos), n_decode=len(decode),
-                   decode_slots=as_long([s for s, _ in decode]),
-                   prefill_slots=as_long([s for s, _, _ in prefill]),
-                   cu_seqlens=as_long(cu), cu_seqlens_list=cu)
+        parts = [pos, [s for s, _ in decode], [s for s, _, _ in prefill], cu]
+        ns = 0
+        if prefill:
+            offsets, ns, pairs = varlen_meta(cu)
+            parts += [offsets, pairs]
+        flat, bounds = [], []
+        for xs in parts:
+            bounds.append((len(flat), len(flat) + len(xs)))
+            flat += xs
+            flat += [0] * (len(flat) % 2)
+        t = to_device(flat, torch.long, device)
+        views = [t[a:b] for a, b in bounds]
+        meta = (views[4], views[5].view(-1, 2), ns) if prefill else None
+        return cls(positions=views[0], n_decode=len(decode), decode_slots=views[1], prefill_slots=views[2],
+                   cu_seqlens=views[3], cu_seqlens_list=cu, chunk_meta=meta)
 
 
 class Lrpe(nn.Module):
@@ -122,7 +145,7 @@ class NormLinearAttention(nn.Module):
         if q.shape[0] > nd:
             parts.append(backend.prefill_attention(q[nd:], k[nd:], v[nd:], self.slope, pool, batch.prefill_slots,
                                                    batch.cu_seqlens, batch.cu_seqlens_list, self.theta,
-                                                   batch.positions[nd:]))
+                                                   batch.positions[nd:], meta=batch.chunk_meta))
         o = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         return o.reshape(q.shape[0], -1)
 
