@@ -64,7 +64,7 @@ REPLICA_MAX_ONGOING = 4096   # tnl's engine queues and refuses (429) by itself; 
 INGRESS_MAX_ONGOING = 16384
 ROUTING_STATS_PERIOD_S = 1.0
 MOVE_TIMEOUT_S = 10.0        # a holder that does not lend its state by then is passed over (the prompt is computed)
-FAN_OUT_TIMEOUT_S = 60.0     # GET /metrics, state imports and unpins through every replica
+FAN_OUT_TIMEOUT_S = 15.0     # per replica: GET /metrics, state imports and unpins go to each in turn
 PARSE_IN_THREAD_BYTES = 1 << 16   # bodies larger than this are parsed for their route off the event loop
 
 
@@ -74,6 +74,7 @@ class RayOptions:
 
     num_replicas: engine replicas (None: Ray Serve's default, or what a config file sets).
     address: the Ray cluster to join (None: a local instance, or RAY_ADDRESS's).
+    dashboard: whether a local instance starts Ray's dashboard.
     replica_gpus: GPUs per replica (None: 1 when the cluster has GPUs and the device is not cpu).
     replica_cpus: CPUs Ray reserves per replica.
     ingress_replicas: replicas of the ingress.
@@ -83,6 +84,7 @@ class RayOptions:
 
     num_replicas: int | None = None
     address: str | None = None
+    dashboard: bool = True
     replica_gpus: float | None = None
     replica_cpus: float = 1.0
     ingress_replicas: int = 1
@@ -92,7 +94,7 @@ class RayOptions:
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "RayOptions":
-        names = {"address": "ray_address", "router": "ray_router"}
+        names = {"address": "ray_address", "dashboard": "ray_dashboard", "router": "ray_router"}
         return cls(**{f.name: getattr(ns, names.get(f.name, f.name)) for f in dataclasses.fields(cls)
                       if hasattr(ns, names.get(f.name, f.name))})
 
@@ -220,14 +222,18 @@ class TnlReplica:
 
     async def forward(self, req: dict, body: bytes, route: Route | None = None) -> AsyncIterator[list[dict]]:
         """One HTTP request through this replica's tnl app; yields its ASGI messages in batches."""
+        extra = [(b"x-tnl-replica", self.replica_id.encode())]
         if route is not None and route.holder not in (None, self.replica_id) and self.move_state_min_tokens:
-            await self._pull_state(req, body, route.holder)
+            moved = await self._pull_state(req, body, route.holder)
+            if moved:
+                extra += [(b"x-tnl-state-moved-from", route.holder.encode()),
+                          (b"x-tnl-state-moved-tokens", str(moved).encode())]
         async for batch in run_asgi(self.app, req, body):
             if batch[0]["type"] == "http.response.start":
                 # Ray Serve's proxy adds its own x-request-id: tnl's (its access log's) is renamed
                 headers = [(b"x-tnl-request-id" if k.lower() == b"x-request-id" else k, v)
                            for k, v in batch[0].get("headers", ())]
-                batch[0] = {**batch[0], "headers": headers + [(b"x-tnl-replica", self.replica_id.encode())]}
+                batch[0] = {**batch[0], "headers": headers + extra}
             yield batch
 
     async def ping(self, route: Route | None = None) -> str:
@@ -261,9 +267,10 @@ class TnlReplica:
             return None
         return None
 
-    async def _pull_state(self, req: dict, body: bytes, holder: str) -> None:
+    async def _pull_state(self, req: dict, body: bytes, holder: str) -> int:
         """Move the longest prefix state of this request from `holder`, when it saves at least
-        move_state_min_tokens of prefill here. Any failure only means computing the prompt."""
+        move_state_min_tokens of prefill here. Returns the tokens moved (0: none). Any failure
+        only means computing the prompt."""
         from tnl.engine import state_file
 
         try:
@@ -271,7 +278,7 @@ class TnlReplica:
             engine = self.state.require_engine()
             own = await engine.call(lambda eng: _cached_tokens(eng, ids)) if ids else None
             if own is None:
-                return
+                return 0
             if self._peers is None:
                 ctx = serve.get_replica_context()
                 self._peers = serve.get_deployment_handle(ctx.deployment, ctx.app_name)
@@ -283,17 +290,19 @@ class TnlReplica:
                 response.cancel()
                 log.warning("replica %s did not lend its state within %g s: computing the prompt", holder,
                             MOVE_TIMEOUT_S)
-                return
+                return 0
             if data is None:
-                return
+                return 0
             moved_ids, st, logits = await asyncio.to_thread(state_file.loads, data, engine.fingerprint,
                                                             engine.model_config)
             await engine.call(lambda eng: _import_unpinned(eng, moved_ids, st, logits))
             log.info("moved a state of %d tokens (%d cached here before) from replica %s", len(moved_ids), own,
                      holder)
+            return len(moved_ids)
         except Exception as e:
             log.warning("moving a state from replica %s failed (%s: %s): computing the prompt", holder,
                         type(e).__name__, e)
+            return 0
 
     def record_routing_stats(self) -> dict:
         """Polled by Ray Serve's controller and handed to the routers (RunningReplica.routing_stats)."""
@@ -463,10 +472,17 @@ class TnlIngress:
         return status, headers, b"".join(chunks)
 
     async def _on_every_replica(self, req: dict, body: bytes) -> dict[str, tuple[int, list, bytes] | Exception]:
+        """Each replica's answer, one replica after the other: calls made at once from one HTTP
+        request share its Ray Serve request id, by which Ray's router hands each call its
+        replica, so concurrent ones could get each other's replicas, or none."""
         replicas = await asyncio.wait_for(self._replica_ids(), FAN_OUT_TIMEOUT_S)
-        answers = await asyncio.gather(*(asyncio.wait_for(self._on(r, req, body), FAN_OUT_TIMEOUT_S)
-                                         for r in replicas), return_exceptions=True)
-        return dict(zip(replicas, answers))
+        answers: dict[str, tuple[int, list, bytes] | Exception] = {}
+        for r in replicas:
+            try:
+                answers[r] = await asyncio.wait_for(self._on(r, req, body), FAN_OUT_TIMEOUT_S)
+            except Exception as e:   # (a replica that died meanwhile: the others still answer)
+                answers[r] = e
+        return answers
 
     async def _metrics(self, req: dict, send) -> None:
         """Every replica's GET /metrics in one exposition, a `replica` label on each sample."""
@@ -496,6 +512,10 @@ class TnlIngress:
         The answer is the first replica's success (unpins: the sum), else the first refusal."""
         answers = await self._on_every_replica(req, body)
         ok = [a for a in answers.values() if not isinstance(a, BaseException) and a[0] == 200]
+        for r, a in answers.items():
+            if isinstance(a, BaseException) or a[0] != 200:
+                log.warning("%s %s: replica %s refused it: %s", req["method"], req["path"], r,
+                            a if isinstance(a, BaseException) else f"{a[0]} {a[2][:300]!r}")
         done = f"{len(ok)}/{len(answers)}".encode()
         if ok and req["path"] == "/v1/state/pins":
             data = json.dumps({"unpinned": sum(json.loads(a[2])["unpinned"] for a in ok)}).encode()
@@ -580,8 +600,8 @@ def serve_ray(config: ServerConfig, options: RayOptions) -> int:
     sock = listen_socket(config.host, config.port)   # a busy port is one clear error, before Ray starts
     port = sock.getsockname()[1]
     sock.close()
-    ray.init(address=options.address)
     joined = options.address is not None or bool(os.environ.get("RAY_ADDRESS"))   # a cluster not ours
+    ray.init(address=options.address, **({} if joined else {"include_dashboard": options.dashboard}))
     try:
         serve.start(http_options={"host": config.host, "port": port})
         try:

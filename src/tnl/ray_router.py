@@ -35,7 +35,13 @@ class StateAffineRouter(RequestRouter):
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
-        route = pending_request.kwargs.get("route") if pending_request is not None else None
+        if pending_request is None:
+            return [candidate_replicas]
+        # Ray Serve asks again at once when no replica here takes the request (all full, or a
+        # target gone): without a backoff between the rounds its router loop would spin, and
+        # starve every other request of this process
+        pending_request.routing_context.should_backoff = True
+        route = pending_request.kwargs.get("route")
         if not isinstance(route, Route):
             return [candidate_replicas]
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}

@@ -228,6 +228,9 @@ def add_ray_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ray-address", default=None,
                    help="the Ray cluster to join ('auto': the one this machine belongs to); default: a local "
                         "Ray instance, or the one RAY_ADDRESS names")
+    g.add_argument("--ray-dashboard", action=argparse.BooleanOptionalAction, default=True,
+                   help="start the local Ray instance with its dashboard (port 8265; `serve status` needs it); "
+                        "default on; no effect with --ray-address")
     g.add_argument("--replica-gpus", type=_nonnegative_float, default=None,
                    help="GPUs per replica (default 1 when the cluster has GPUs and --device is not cpu, else 0; "
                         "0.5 puts two replicas on one GPU: then set --max-num-seqs and --prefix-cache-gb)")
