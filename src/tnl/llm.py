@@ -60,6 +60,7 @@ class LLM:
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
         eng = self.engine
+        eng.prepare(plist)   # the structured-output grammars, compiled all at once in the engine's pool
         reqs = []
         try:
             for (ids, text), sp, b in zip(prompts, plist, boundaries or [None] * len(prompts)):

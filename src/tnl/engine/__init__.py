@@ -13,6 +13,7 @@ _WHERE = {
     "CompletionOutput": "tnl.engine.request",
     "RequestOutput": "tnl.engine.request",
     "SamplingParams": "tnl.engine.sampling_params",
+    "StructuredOutputs": "tnl.engine.sampling_params",
     "InvalidRequest": "tnl.engine.errors",
     "QueueFullError": "tnl.engine.errors",
 }

@@ -58,6 +58,8 @@ class EngineClient(Protocol):
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None: ...
 
+    async def prepare(self, params: list[SamplingParams]) -> None: ...
+
     def submit(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, sink: Sink,
                boundaries: list[int] | None = None, client: str = "") -> None: ...
 
@@ -148,6 +150,19 @@ class AsyncEngine:
         """Raise InvalidRequest (naming the field) for a request the engine cannot run."""
         self.engine.validate(prompt_token_ids, params)
 
+    async def prepare(self, params: list[SamplingParams]) -> None:
+        """Compile the structured-output constraints of these params in the engine's compile
+        pool, awaiting them here: neither this event loop nor the engine thread waits for a
+        compile, and a constraint that cannot compile raises InvalidRequest (naming the field)
+        before anything is queued. The engine thread then finds them compiled. A no-op for
+        params without one."""
+        pending = self.engine.start_compiles(params)
+        if not pending:
+            return
+        grammars = await asyncio.gather(*(asyncio.wrap_future(fut) for _, fut in pending))
+        for (spec, _), grammar in zip(pending, grammars):
+            spec.compiled = (self.engine.structured, grammar)
+
     def submit(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, sink: Sink,
                boundaries: list[int] | None = None, client: str = "") -> None:
         """Queue one request: `submit_group` of one job."""
@@ -206,6 +221,7 @@ class AsyncEngine:
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[RequestOutput]:
         """The request's output deltas as an async stream; leaving the loop early aborts it."""
+        await self.prepare([params])
         q: asyncio.Queue = asyncio.Queue()
         self.submit(prompt_token_ids, params, request_id, q.put_nowait)
         finished = False

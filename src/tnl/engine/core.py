@@ -21,6 +21,7 @@ from tnl.engine.runner import ModelRunner
 from tnl.engine.sampler import PendingSample, sample, top_logprobs
 from tnl.engine.sampling_params import SamplingParams
 from tnl.engine.scheduler import Scheduler, SchedulerOutput
+from tnl.engine.structured import GrammarMasks
 from tnl.model.transnormer import TransnormerForCausalLM
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,10 @@ class EngineCore:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)   # graph capture, events and Triton launches follow the current device
         self.state_dtype: torch.dtype = getattr(torch, ec.state_dtype)   # the pool's, the snapshots' and imports'
+        if ec.state_dtype == "float16":
+            # the slowest-decaying heads (last layer, decay ~1 - 1e-5) sum k v over the whole past
+            log.warning("state dtype float16: states of long sequences overflow it (inf/NaN after 4-8k tokens on "
+                        "the demo model, benchmarks/accuracy.py); bfloat16 has float32's range")
         self.runner = ModelRunner(model, slots, self.device, cuda_graphs=ec.cuda_graphs, state_dtype=self.state_dtype)
         self.prefix_cache = self._new_prefix_cache(ec)
         self.fingerprint = state_file.model_fingerprint(model)   # names the model in state files
@@ -98,6 +103,7 @@ class EngineCore:
         self.counters = dict(COUNTERS)
         self._timings: collections.deque = collections.deque()   # (start, end, has_prefill) not yet read
         self._timed = self.device.type == "cuda"
+        self._masks: GrammarMasks | None = None   # structured output's bitmasks, from the first constrained row
 
     def _new_prefix_cache(self, ec: EngineConfig) -> PrefixCache | None:
         if not ec.enable_prefix_caching:
@@ -293,7 +299,10 @@ class EngineCore:
         tokens, detokenizing, stop checks, handing outputs over, scheduling) overlaps the
         device's work for step k+1. A sequence that stops at step k has then also been run in
         step k+1; that token is dropped. Steps with prompt chunks or penalties (which need the
-        previous tokens on the host) wait for the step in flight first."""
+        previous tokens on the host) wait for the step in flight first. A step with rows under a
+        structured-output constraint queues its forward pass first, then reads the step in
+        flight back (its tokens advance the grammars), then fills the masks and samples: the
+        device runs the forward pass while the host waits and fills (`_launch`)."""
         touched: dict[str, Request] = {}
         if self._timings:
             self._read_timings()
@@ -301,9 +310,7 @@ class EngineCore:
             self._take_snapshots()
         out = self.scheduler.schedule()
         if out and self._in_flight is not None and self._can_overlap(out):
-            launched = self._launch(out, self._in_flight)
-            self._complete(self._in_flight, touched)
-            self._in_flight = launched
+            self._in_flight = self._launch(out, self._in_flight, touched)   # (completes the step in flight)
             return list(touched.values())
         if self._in_flight is not None:
             self._complete(self._in_flight, touched)
@@ -327,9 +334,13 @@ class EngineCore:
         return self.async_scheduling and not out.prefill and not out.cached \
             and not any(r.params.needs_penalties for r in out.decode)
 
-    def _launch(self, out: SchedulerOutput, prev: _Step | None) -> _Step:
+    def _launch(self, out: SchedulerOutput, prev: _Step | None = None,
+                touched: dict[str, Request] | None = None) -> _Step:
         """Queue the step's forward pass and sampling on the device; the scheduler counts its
-        tokens as computed (nothing here waits for the sampled tokens)."""
+        tokens as computed (nothing here waits for the sampled tokens). prev: the step in flight,
+        whose tokens feed this one on the device; it is completed here (into `touched`): after
+        this step's sampling is queued, or, when a row here is constrained, before its mask is
+        filled (the mask needs prev's token), while the forward pass runs."""
         start = None
         if self._timed:
             start = torch.cuda.Event(enable_timing=True)
@@ -354,11 +365,20 @@ class EngineCore:
             logits = res.logits
             if self.sample_vocab < logits.shape[-1]:
                 logits[:, self.sample_vocab:] = float("-inf")
+            if any(r.grammar is not None for r in res.reqs):
+                if prev is not None:
+                    self._complete(prev, touched)
+                    prev = None
+                if self._masks is None:
+                    self._masks = GrammarMasks(self.runner.pool.num_slots, logits.shape[-1], self.device)
+                self._masks.apply(logits, res.reqs)
             pending = sample(logits, res.reqs).start_copy()
         if start is not None:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
             self._timings.append((start, end, bool(out.prefill)))
+        if prev is not None:
+            self._complete(prev, touched)
         return _Step(res.reqs, pending, done)
 
     def _complete(self, step: _Step, touched: dict[str, Request]) -> None:
@@ -371,6 +391,19 @@ class EngineCore:
         for r in self.scheduler.update_from_output(step.reqs, res.token_ids, res.logprobs, res.sampled_logprob,
                                                    time.monotonic()):
             touched[r.request_id] = r
+            if r.grammar is not None:
+                self._advance_grammar(r)
+
+    def _advance_grammar(self, r: Request) -> None:
+        """Feed a constrained request's new token to its matcher. A stop token is accepted only
+        where the grammar may end, and the scheduler has finished the request on it already (its
+        stop ids are the matcher's). The mask allows nothing outside the grammar, so a refusal
+        means a row without one finite allowed logit: the request ends rather than write text
+        outside its grammar."""
+        tok = r.output_token_ids[-1]
+        if not r.grammar.accept_token(tok) and not r.finished:
+            log.warning("request %s: token %d is outside its grammar; ending it", r.request_id, tok)
+            self.scheduler.finish(r, "abort")
 
     def _add_prompt_logprobs(self, r: Request, logits: torch.Tensor, n: int) -> None:
         """logits [n, V] at positions num_computed..+n-1 predict the prompt tokens after them."""

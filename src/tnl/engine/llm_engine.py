@@ -5,15 +5,18 @@ the one place a request is checked before it runs (typed InvalidRequest errors).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
+from concurrent.futures import Future
 
 from tnl.config import EngineConfig
 from tnl.engine.core import EngineCore
 from tnl.engine.errors import InvalidRequest
 from tnl.engine.output import OutputProcessor
 from tnl.engine.request import Request, RequestOutput
-from tnl.engine.sampling_params import SamplingParams
+from tnl.engine.sampling_params import SamplingParams, StructuredOutputs
+from tnl.engine.structured import StructuredOutputManager, encoded_vocab
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,12 @@ class LLMEngine:
         self.runner = self.core.runner
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
+        # structured output's grammar compiler (xgrammar is loaded on its first compile); a
+        # grammar constrains text, so a checkpoint without a tokenizer has none
+        self.structured: StructuredOutputManager | None = None
+        if tokenizer is not None:
+            self.structured = StructuredOutputManager(functools.partial(encoded_vocab, tokenizer), cfg.vocab_size,
+                                                      sorted(self.core.stop_ids))
         if self.device.type == "cuda":
             self.core.warm_up()
         log.info("engine ready: %d state slots (%.1f MB each, %s), token budget %d, device %s, async scheduling %s",
@@ -73,6 +82,26 @@ class LLMEngine:
         if params.stop and self.tokenizer is None:
             raise InvalidRequest("stop", "stop strings need a tokenizer, and this checkpoint has none: use "
                                          "stop_token_ids")
+        if params.structured_outputs is not None and self.structured is None:
+            raise InvalidRequest("structured_outputs", "structured outputs constrain text, and this checkpoint has "
+                                                       "no tokenizer")
+
+    def start_compiles(self, params: list[SamplingParams]) -> list[tuple[StructuredOutputs, Future]]:
+        """Start compiling the distinct structured-output constraints of these params in the
+        compile pool (thread-safe; cached ones are done at once): (constraint, future of its
+        compiled grammar) pairs, whose exceptions are InvalidRequest."""
+        specs = list({id(p.structured_outputs): p.structured_outputs for p in params
+                      if p.structured_outputs is not None}.values())
+        if specs and self.structured is None:
+            raise InvalidRequest("structured_outputs", "structured outputs constrain text, and this checkpoint has "
+                                                       "no tokenizer")
+        return [(spec, self.structured.submit(spec)) for spec in specs]
+
+    def prepare(self, params: list[SamplingParams]) -> None:
+        """Compile the structured-output grammars of these params, all at once, waiting here
+        (add_request then finds them compiled). Raises InvalidRequest for one that cannot compile."""
+        for spec, fut in self.start_compiles(params):
+            spec.compiled = (self.structured, fut.result())
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
                     prompt: str | None = None, validate: bool = True,
@@ -87,7 +116,15 @@ class LLMEngine:
         if request_id in self.requests:
             raise InvalidRequest(None, f"request id {request_id!r} is already in use")
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.core.stop_ids)
-        req = Request(request_id, list(prompt_token_ids), params, frozenset(stop_ids), prompt=prompt)
+        grammar = None
+        if params.structured_outputs is not None:
+            # compiled already when the caller prepared it (the server does, off its event loop);
+            # else here, on the caller's thread
+            compiled = self.structured.compile(params.structured_outputs)
+            if not stop_ids:   # ignore_eos without stop_token_ids: a complete grammar still needs an end
+                stop_ids = set(self.core.stop_ids)
+            grammar = self.structured.matcher(compiled, sorted(stop_ids))
+        req = Request(request_id, list(prompt_token_ids), params, frozenset(stop_ids), prompt=prompt, grammar=grammar)
         if self.core.prefix_cache is not None:
             L = req.num_prompt
             req.boundaries = sorted({b for b in boundaries or () if 0 < b < L} | {L})

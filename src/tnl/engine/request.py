@@ -71,6 +71,7 @@ class Request:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     generator: object | None = None   # torch.Generator of a seeded request (the sampler's)
+    grammar: object | None = None     # xgrammar.GrammarMatcher of a structured-output request (tnl.engine.structured)
     num_in_flight: int = 0       # launched steps whose token for it is still on the device (async scheduling)
     # prompt-state cache: prompt lengths where a snapshot is wanted (chat message ends, the
     # prompt's end), the prompt tokens a hit skipped, and the hit itself until the runner

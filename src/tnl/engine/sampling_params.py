@@ -1,6 +1,7 @@
 """SamplingParams: how one request is decoded (vLLM's names, so users know them)."""
 from __future__ import annotations
 
+import json as _json
 import math
 from dataclasses import dataclass, field
 
@@ -12,6 +13,81 @@ MAX_LOGPROBS = 20
 # (tnl.engine.output), and holds back up to the longest one's length of text from a stream.
 MAX_STOPS = 16
 MAX_STOP_CHARS = 1000
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass
+class StructuredOutputs:
+    """A constraint on the output's text (vLLM's StructuredOutputsParams): exactly one of
+
+    Args:
+        json: a JSON Schema (a dict, or its JSON text): the output is one JSON value valid against it
+        regex: the output matches this regular expression in full
+        choice: the output is exactly one of these strings
+        grammar: an EBNF / GBNF grammar (xgrammar's dialect, llama.cpp's GBNF; the rule `root` starts)
+        json_object: True: the output is any JSON object (OpenAI's response_format json_object)
+        disable_any_whitespace: JSON without whitespace between its tokens (compact; small models
+            otherwise may spend their tokens on whitespace)
+
+    Checked here for its shape only; whether the grammar compiles is known when the engine
+    compiles it (tnl.engine.structured), which raises InvalidRequest naming the field too.
+    """
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    # the compiled grammar, once an engine compiled it: (that engine's compiler, CompiledGrammar)
+    compiled: tuple | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        given = [k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            what = "none was" if not given else f"{len(given)} were ({', '.join(given)})"
+            raise InvalidRequest("structured_outputs", f"structured_outputs: give exactly one constraint of "
+                                                       f"{', '.join(STRUCTURED_KINDS)}; {what} given")
+        kind = given[0]
+
+        def bad(why: str):
+            raise InvalidRequest(f"structured_outputs.{kind}", f"structured_outputs.{kind} {why}")
+
+        value = getattr(self, kind)
+        if kind == "json":
+            if isinstance(value, str):
+                try:
+                    value = _json.loads(value)
+                except ValueError as e:
+                    bad(f"is not JSON text: {e}")
+                except RecursionError:
+                    bad("is nested too deeply")
+            if not isinstance(value, dict):
+                bad(f"must be a JSON Schema object, got {type(value).__name__}")
+            try:   # the key order stays: xgrammar writes properties in the schema's order
+                text = _json.dumps(value, ensure_ascii=False)
+            except (TypeError, ValueError, RecursionError) as e:
+                bad(f"is not a JSON value: {e}")
+        elif kind == "choice":
+            if not isinstance(value, list) or not value:
+                bad("must be a non-empty list of strings")
+            if not all(isinstance(c, str) for c in value):
+                bad("must hold strings only")
+            text = _json.dumps(value, ensure_ascii=False)
+        elif kind == "json_object":
+            if value is not True:
+                bad(f"must be true, got {value!r}")
+            text = ""
+        else:
+            if not isinstance(value, str) or not value:
+                bad("must be a non-empty string")
+            text = value
+        if not isinstance(self.disable_any_whitespace, bool):
+            raise InvalidRequest("structured_outputs.disable_any_whitespace",
+                                 "structured_outputs.disable_any_whitespace must be true or false")
+        self.kind = kind
+        # what the engine compiles and caches by: equal keys give the same grammar
+        self.key = (kind, text, self.disable_any_whitespace)
 
 
 @dataclass
@@ -28,6 +104,10 @@ class SamplingParams:
         ignore_eos: keep going past the end-of-sequence token
         logprobs: number of top logprobs per generated token (the sampled token always included)
         prompt_logprobs: the same for each prompt token (0: only the prompt token itself)
+        structured_outputs: a constraint on the text (StructuredOutputs: a JSON Schema, a regex, a
+            choice, a grammar); EOS only where it may end, finish_reason "length" if max_tokens
+            cuts it. ignore_eos is ignored with one unless stop_token_ids give the output another end
+            (a grammar that is complete has nothing to write but a stop token).
     """
 
     max_tokens: int = 16
@@ -45,6 +125,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str):
@@ -100,6 +181,9 @@ class SamplingParams:
             v = getattr(self, name)
             if v is not None and (not is_int(v) or not 0 <= v <= MAX_LOGPROBS):
                 bad(name, f"must be None or an integer in [0, {MAX_LOGPROBS}]")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputs):
+            raise InvalidRequest("structured_outputs", f"structured_outputs must be a StructuredOutputs, got "
+                                                       f"{type(self.structured_outputs).__name__}")
 
     @property
     def greedy(self) -> bool:

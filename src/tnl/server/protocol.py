@@ -110,6 +110,59 @@ class StreamOptions(_Request):
     include_usage: bool = _strict(False)
 
 
+class JsonSchemaFormat(_Request):
+    """response_format's json_schema (OpenAI's shape)."""
+
+    name: StrictStr | None = Field(None, max_length=256, description="the schema's name (not used)")
+    description: StrictStr | None = None
+    schema_: dict[str, Any] = Field(..., alias="schema", description="a JSON Schema the output must be valid "
+                                                                    "against")
+    strict: bool | None = _strict(None, description="accepted; the output always follows the schema")
+
+
+class ResponseFormat(_Request):
+    """OpenAI's response_format: plain text, any JSON object, or JSON valid against a schema."""
+
+    model_config = ConfigDict(json_schema_extra={"anyOf": [   # _needs_schema's schema
+        {"properties": {"type": {"enum": ["text", "json_object"]}}},
+        {"required": ["json_schema"], "properties": {"type": {"const": "json_schema"}, "json_schema": {"not": NULL}}}]})
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _needs_schema(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs json_schema: {'name': ..., 'schema': {...}}")
+        return self
+
+
+STRUCTURED_FIELDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+class StructuredOutputsFields(_Request):
+    """vLLM's structured_outputs: exactly one constraint (tnl.engine.sampling_params.StructuredOutputs)."""
+
+    model_config = ConfigDict(json_schema_extra=exactly_one_of(*STRUCTURED_FIELDS))   # _one_constraint's schema
+
+    json_: dict[str, Any] | StrictStr | None = Field(None, alias="json", description="a JSON Schema (an object, "
+                                                                                     "or its JSON text)")
+    regex: StrictStr | None = Field(None, min_length=1, description="a regular expression the whole output matches")
+    choice: list[StrictStr] | None = Field(None, min_length=1, description="the output is exactly one of these")
+    grammar: StrictStr | None = Field(None, min_length=1, description="an EBNF / GBNF grammar whose rule 'root' "
+                                                                      "the output is")
+    json_object: Literal[True] | None = Field(None, description="true: any JSON object")
+    disable_any_whitespace: bool = _strict(False, description="JSON without whitespace between its tokens")
+
+    @model_validator(mode="after")
+    def _one_constraint(self):
+        given = [f for f in STRUCTURED_FIELDS if getattr(self, "json_" if f == "json" else f) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(STRUCTURED_FIELDS)}; got "
+                             f"{', '.join(given) if given else 'none'}")
+        return self
+
+
 class SamplingFields(_Request):
     """Decoding options shared by /v1/chat/completions and /v1/completions."""
 
@@ -138,6 +191,9 @@ class SamplingFields(_Request):
                                                                                   NULL]})
     ignore_eos: bool = _strict(False)
     skip_special_tokens: bool = _strict(True)
+    # structured output: OpenAI's response_format, or vLLM's structured_outputs (not both)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsFields | None = None
 
     @field_validator("stop")
     @classmethod
@@ -198,29 +254,27 @@ class ChatMessage(_Request):
         return {"role": role, "content": self.content or ""}
 
 
+# response_format (other than text) and structured_outputs are two constraints: one at most
+# (tnl.server.serving.structured_outputs refuses both)
+ONE_CONSTRAINT = {"anyOf": [
+    {"properties": {"structured_outputs": NULL}},
+    {"properties": {"response_format": {"anyOf": [NULL, {"properties": {"type": {"const": "text"}}}]}}}]}
+
+
 class ChatCompletionRequest(SamplingFields):
-    # the schema of _top_logprobs_needs_logprobs
-    model_config = ConfigDict(json_schema_extra={"anyOf": [
+    # the schemas of _top_logprobs_needs_logprobs and of ONE_CONSTRAINT
+    model_config = ConfigDict(json_schema_extra={"allOf": [{"anyOf": [
         {"properties": {"top_logprobs": {"enum": [0, None]}}},
-        {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}]})
+        {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}]}, ONE_CONSTRAINT]})
 
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = _strict(None, ge=1, le=MAX_TOKENS_CAP)
     max_completion_tokens: int | None = _strict(None, ge=1, le=MAX_TOKENS_CAP)
     logprobs: bool = _strict(False)
     top_logprobs: int | None = _strict(None, ge=0, le=MAX_LOGPROBS)
-    response_format: dict[str, Any] | None = Field(None, json_schema_extra={"anyOf": [
-        {"type": "object", "properties": {"type": {"const": "text"}}}, NULL]})
     tools: list[Any] | None = Field(None, description="not supported: refused when non-empty",
                                     json_schema_extra={"anyOf": [{"type": "array", "maxItems": 0}, NULL]})
     add_generation_prompt: bool = _strict(True)
-
-    @field_validator("response_format")
-    @classmethod
-    def _response_format(cls, v):
-        if v is not None and v.get("type", "text") != "text":
-            raise ValueError(f"response_format type {v.get('type')!r} is not supported; only 'text'")
-        return v
 
     @field_validator("tools")
     @classmethod
@@ -237,11 +291,11 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    # the schema of _best_of: best_of absent, or 1 with n 1 (best_of == n > 1 is accepted too; JSON
-    # Schema cannot compare two fields)
-    model_config = ConfigDict(json_schema_extra={"anyOf": [
+    # the schemas of _best_of (best_of absent, or 1 with n 1; best_of == n > 1 is accepted too: JSON
+    # Schema cannot compare two fields) and of ONE_CONSTRAINT
+    model_config = ConfigDict(json_schema_extra={"allOf": [{"anyOf": [
         {"properties": {"best_of": NULL}},
-        {"properties": {"best_of": {"const": 1}, "n": {"const": 1}}}]})
+        {"properties": {"best_of": {"const": 1}, "n": {"const": 1}}}]}, ONE_CONSTRAINT]})
 
     prompt: Any = Field(..., description="a string, a list of strings, a list of token ids, "
                                          "or a list of token-id lists; none of them empty",

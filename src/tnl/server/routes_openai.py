@@ -48,6 +48,7 @@ from tnl.server.serving import (
     ServerState,
     get_state,
     sampling_params,
+    structured_outputs,
 )
 
 log = logging.getLogger(__name__)
@@ -149,12 +150,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     ids = await state.encode_chat(messages, "messages", body.add_generation_prompt)
     max_tokens = body.max_completion_tokens or body.max_tokens or CHAT_DEFAULT_MAX_TOKENS
     top_k = (body.top_logprobs or 0) if body.logprobs else None
-    samples = [_params(body, max_tokens, j, logprobs=top_k) for j in range(body.n)]
+    constraint, constraint_param = structured_outputs(body)
+    samples = [_params(body, max_tokens, j, logprobs=top_k, structured_outputs=constraint) for j in range(body.n)]
     if state.config.log_prompts:
         _remember(request, prompt=repr(messages))
     rid = request.state.request_id
     boundaries = await asyncio.to_thread(state.tokenizer("messages").chat_boundaries, messages, ids)
-    gen = Generation(state, request, [ids], samples, rid, ["messages"], [boundaries])
+    gen = Generation(state, request, [ids], samples, rid, ["messages"], [boundaries], constraint_param)
     await gen.start()
     created = int(time.time())
     model = state.model_name
@@ -335,8 +337,9 @@ async def completions(body: CompletionRequest, request: Request):
             prompt_texts.append(None)
         prompts.append(ids)
     prompt_lp = body.logprobs if body.echo and body.logprobs is not None else None
-    samples = [_params(body, body.max_tokens, j, logprobs=body.logprobs, prompt_logprobs=prompt_lp)
-               for j in range(body.n)]
+    constraint, constraint_param = structured_outputs(body)
+    samples = [_params(body, body.max_tokens, j, logprobs=body.logprobs, prompt_logprobs=prompt_lp,
+                       structured_outputs=constraint) for j in range(body.n)]
     if body.echo:  # the prompt text that echo puts in front of the completion
         tok = state.require_engine().tokenizer
         prompt_texts = [t if t is not None else (tok.decode(ids, skip_special_tokens=False) if tok else "")
@@ -344,7 +347,8 @@ async def completions(body: CompletionRequest, request: Request):
     if state.config.log_prompts:
         _remember(request, prompt=repr([t if t is not None else ids for t, ids in zip(prompt_texts, prompts)]))
     rid = request.state.request_id
-    gen = Generation(state, request, [_model_prompt(state, body, ids) for ids in prompts], samples, rid, params)
+    gen = Generation(state, request, [_model_prompt(state, body, ids) for ids in prompts], samples, rid, params,
+                     constraint_param=constraint_param)
     await gen.start()
     created = int(time.time())
     model = state.model_name

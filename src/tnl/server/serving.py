@@ -21,10 +21,11 @@ from tnl.engine.async_engine import EngineClient, Job
 from tnl.engine.errors import InvalidRequest, QueueFullError
 from tnl.engine.output import merge_deltas
 from tnl.engine.request import RequestOutput
-from tnl.engine.sampling_params import SamplingParams
+from tnl.engine.sampling_params import SamplingParams, StructuredOutputs
 from tnl.server.config import ServerConfig
 from tnl.server.errors import APIError
 from tnl.server.metrics import ServerMetrics
+from tnl.server.protocol import STRUCTURED_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,37 @@ def sampling_params(param_fields: dict) -> SamplingParams:
         raise APIError(e.message, 400, e.param) from None
 
 
+def structured_outputs(body) -> tuple[StructuredOutputs | None, str | None]:
+    """A request's constraint on its text (its response_format, or vLLM's structured_outputs),
+    and the request field an engine refusal of it names (None: the engine's own names,
+    structured_outputs.*, are the request's). Two constraints at once are a 400."""
+    fmt, so = body.response_format, body.structured_outputs
+    if fmt is not None and fmt.type != "text" and so is not None:
+        raise APIError("give one of response_format or structured_outputs, not both: each constrains the output",
+                       400, "structured_outputs")
+    if so is not None:
+        fields, param = {f: getattr(so, "json_" if f == "json" else f) for f in STRUCTURED_FIELDS}, None
+        fields["disable_any_whitespace"] = so.disable_any_whitespace
+    elif fmt is not None and fmt.type == "json_object":
+        fields, param = {"json_object": True}, "response_format"
+    elif fmt is not None and fmt.type == "json_schema":
+        fields, param = {"json": fmt.json_schema.schema_}, "response_format.json_schema.schema"
+    else:
+        return None, None
+    try:
+        return StructuredOutputs(**fields), param
+    except InvalidRequest as e:
+        raise constraint_error(e, param) from None
+
+
+def constraint_error(e: InvalidRequest, param: str | None) -> APIError:
+    """A 400 for the engine's refusal of a constraint, naming the request field it came from."""
+    message = e.message
+    if param is not None and e.param and e.param.startswith("structured_outputs"):
+        message = param + message.removeprefix(e.param)
+    return APIError(message, 400, param or e.param)
+
+
 def client_key(state: ServerState, request: Request) -> str:
     """Whom a request counts against in the waiting queue's fair share (AsyncEngine.submit_group):
     its API key when the server has one (--api-key; a hash, the key itself is kept nowhere),
@@ -188,14 +220,17 @@ class Generation:
 
     def __init__(self, state: ServerState, request: Request, prompts: list[list[int]],
                  samples: list[SamplingParams], request_id: str, prompt_params: list[str] | None = None,
-                 boundaries: list[list[int]] | None = None):
+                 boundaries: list[list[int]] | None = None, constraint_param: str | None = None):
         """prompt_params: the request field each prompt came from ("messages", "prompt[1]"), which
         an engine refusal of that prompt names; default "prompt". boundaries: per prompt, the
-        token counts where its chat messages end (prompt-state cache snapshots)."""
+        token counts where its chat messages end (prompt-state cache snapshots).
+        constraint_param: the field the samples' structured-output constraint came from
+        (`structured_outputs`), which a refusal to compile it names."""
         self.state = state
         self.engine = state.require_engine()
         self.request = request
         self.request_id = request_id
+        self.constraint_param = constraint_param
         self.jobs = [(ids, params) for ids in prompts for params in samples]
         self.job_params = [param for param in (prompt_params or ["prompt"] * len(prompts)) for _ in samples]
         self.job_boundaries = [b for b in (boundaries or [None] * len(prompts)) for _ in samples]
@@ -290,6 +325,10 @@ class Generation:
     async def start(self, watch_disconnect: bool = True) -> None:
         self.state.generations.add(self)   # (close() takes it out)
         try:
+            try:   # structured-output grammars, compiled off the event loop before anything is queued
+                await self.engine.prepare([params for _, params in self.jobs])
+            except InvalidRequest as e:
+                raise constraint_error(e, self.constraint_param) from None
             self._submit()
         except BaseException:
             self.close()
