@@ -1,9 +1,10 @@
 """Accuracy of 8-bit weights (--quantization) and a 16-bit state (--state-dtype) against the
 float32 engine (fp32 weights, fp32 state).
 
-Demo model, CPU (the numbers in BENCHMARKS.md; a few minutes on one core):
+Demo model, CPU (the numbers in BENCHMARKS.md; 8-10 minutes on one core of a busy CPU, most of
+it the 32k tokens decoded one by one):
 
-    python benchmarks/accuracy.py --json accuracy.json
+    python benchmarks/accuracy.py --stochastic-rounding --json accuracy.json
 
   held-out text: by default README.md and BENCHMARKS.md as of commit aa9d133 (`git show`), cut
   into paragraphs, each laid out as [BOS] paragraph [EOS] like the training rows. The demo model
@@ -21,15 +22,18 @@ Demo model, CPU (the numbers in BENCHMARKS.md; a few minutes on one core):
   * greedy: --prompts prompts (the first --prompt-tokens tokens of paragraphs), --new-tokens
     greedy tokens each (ignore_eos) through the same engine; the share of continuations identical
     to the float32 engine's, and the mean share of tokens before the first difference.
-  * long: one sequence of --long-len tokens of the text, each 16-bit-state variant run token by
-    token through the model's decode step (the state rounded after every token: the worst case,
-    and what generating that many tokens does), |Δ logprob| by position bucket against the fp32
-    model scored as prompt chunks; bf16 weights (fp32 state, token by token) are the yardstick
-    ("bf16-weight noise"), and the fp32 model token by token over the first --floor-len tokens
-    shows the floor (two fp32 summation orders). The demo model was trained on 256-token rows:
-    far past that its predictions are poor, but the difference between two variants still
-    measures how the state's rounding error grows with length. A run whose logits turn inf/NaN
-    stops there and reports the position.
+  * long: one sequence of --long-len tokens of the text, |Δ logprob| by position bucket against
+    the fp32 model scored as prompt chunks of --chunk (LONG_RUNS): each 16-bit state token by
+    token through the model's decode step (rounded after every token: what generating that many
+    tokens does, the worst case) and as prompt chunks (rounded once per chunk: a long prompt);
+    bf16 weights with an fp32 state, the yardstick ("bf16-weight noise"), as prompt chunks and,
+    over the first --floor-len tokens, token by token (the same noise); the fp32 model token by
+    token over the first --floor-len tokens is the floor (two fp32 summation orders). The demo
+    model was trained on 256-token rows: far past that its predictions are poor, but the
+    difference between two variants still measures how the state's rounding error grows with
+    length. A run whose logits turn inf/NaN stops there and reports the position.
+    --stochastic-rounding adds a bfloat16 state written with stochastic rounding, token by token
+    (a prototype in this file, StochasticRoundingBackend; tnl itself rounds to nearest).
 
 Random 7B-shaped weights (GPU; --model random-tiny runs the same code on a CPU in seconds):
 
@@ -52,6 +56,8 @@ import time
 
 import torch
 
+from tnl.kernels import torch_ops
+from tnl.kernels.backend import Backend
 from tnl.model.transnormer import AttnBatch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,6 +83,7 @@ LONG_RUNS = [  # (variant, token by token, only the first --floor-len positions)
     ("fp32 weights, bf16 state", False, False),     # a long prompt: rounded once per chunk
     ("fp32 weights, fp16 state", False, False),
 ]
+SR = "fp32 weights, bf16 state, stochastic rounding (prototype)"   # --stochastic-rounding: token by token
 
 RANDOM_TINY = {  # the 7B's structure (LRPE in layer 0, no bias, tied head) at toy size: the CPU check
     "model_type": "transnormer", "vocab_size": 1024, "decoder_embed_dim": 256, "hidden_dim": 256,
@@ -201,24 +208,49 @@ def long_runs(args, ids: list[int]) -> dict:
     models = {}
 
     def run(name, chunk, n):
-        dtype, q, sd = DEMO_VARIANTS[name]
-        if (dtype, q) not in models:
-            models[(dtype, q)] = load_model(DEMO_MODEL_DIR, device=args.device, dtype=dtype, progress=False,
-                                            quantization=q)
+        dtype, q, sd = DEMO_VARIANTS[name] if name != SR else ("float32", "none", "bfloat16")
+        if (dtype, q, name == SR) not in models:
+            m = load_model(DEMO_MODEL_DIR, device=args.device, dtype=dtype, progress=False, quantization=q)
+            if name == SR:
+                m.backend = StochasticRoundingBackend()
+            models[(dtype, q, name == SR)] = m
         t0 = time.perf_counter()
-        lp = target_logprobs(models[(dtype, q)], ids[:n + 1], getattr(torch, sd), chunk)
+        lp = target_logprobs(models[(dtype, q, name == SR)], ids[:n + 1], getattr(torch, sd), chunk)
         print(f"# long: {name}, {mode_name(chunk)}, {n} tokens: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         return lp
 
     n_all = len(ids) - 1
     ref = run(REF, args.chunk, n_all)
     out = {}
-    for name, token_by_token, short in LONG_RUNS:
+    for name, token_by_token, short in LONG_RUNS + ([(SR, True, False)] if args.stochastic_rounding else []):
         n = min(args.floor_len, n_all) if short else n_all
         chunk = None if token_by_token else args.chunk
         label = f"{name}, {mode_name(chunk)}" + (f" (first {n})" if n < n_all else "")
         out[label] = by_position(run(name, chunk, n), ref[:n])
     return out
+
+
+class StochasticRoundingBackend(Backend):
+    """The PyTorch backend, but the decode step writes a bfloat16 state with stochastic rounding:
+    a prototype measured here only (tnl rounds to nearest). Round to nearest loses a head's decay
+    once 1 - decay is below half a bfloat16 step (2^-9; the demo's layers 3 and 4 have such heads):
+    decay * S rounds back to S. Rounding up with probability (distance to the value below) / step
+    keeps the expected value, so the decay survives on average."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def decode_attention(self, q, k, v, decay, pool, slots, theta=None, positions=None) -> torch.Tensor:
+        assert pool.dtype == torch.bfloat16 and not q.is_cuda
+        q, k = torch_ops.feature_map(q, theta, positions), torch_ops.feature_map(k, theta, positions)
+        S = pool.index_select(0, slots).float()                                    # [B, H, dk, dv]
+        S = decay.view(1, -1, 1, 1) * S + k.float().unsqueeze(-1) * v.float().unsqueeze(-2)
+        # bfloat16 is float32's top 16 bits: add uniform random low bits, then cut them (exact)
+        bits = S.contiguous().view(torch.int32)
+        bits = (bits + torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, generator=self.gen)) & ~0xFFFF
+        pool.index_copy_(0, slots, bits.view(torch.float32).to(torch.bfloat16))
+        return (q.float().unsqueeze(-2) @ S).squeeze(-2).to(v.dtype)
 
 
 def mode_name(chunk: int | None) -> str:
@@ -354,6 +386,8 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per prompt")
     p.add_argument("--long-len", type=int, default=32768, help="long-sequence positions")
     p.add_argument("--floor-len", type=int, default=2048, help="fp32 token-by-token positions (the floor)")
+    p.add_argument("--stochastic-rounding", action="store_true",
+                   help="also the long sequence with a bfloat16 state stochastically rounded (a prototype; CPU)")
     p.add_argument("--chunk", type=int, default=2048, help="prompt chunk of the long sequence's reference")
     p.add_argument("--rand-batch", type=int, default=4)
     p.add_argument("--rand-prompt", type=int, default=1024)
