@@ -235,3 +235,26 @@ def test_compile_cache_and_errors(llm):
     # the engine still serves after the refusals
     assert llm.generate("x", SamplingParams(max_tokens=5, structured_outputs=StructuredOutputs(
         choice=["ok"])))[0].outputs[0].text == "ok"
+
+
+def test_checkpoint_without_tokenizer_refuses_a_constraint():
+    """A constraint is on text: an engine without a tokenizer says so (the field named), and
+    runs other requests as before."""
+    from helpers_model import random_state_dict, tiny_config
+    from tnl.config import EngineConfig, ModelConfig
+    from tnl.engine import LLMEngine
+    from tnl.model.transnormer import TransnormerForCausalLM
+
+    cfg = tiny_config(vocab_size=300)
+    m = TransnormerForCausalLM(ModelConfig.from_dict(cfg))
+    m.load_state_dict(random_state_dict(cfg, seed=1))
+    eng = LLMEngine(m.eval(), None, EngineConfig(max_num_seqs=2))
+    so = SamplingParams(max_tokens=3, structured_outputs=StructuredOutputs(choice=["a"]))
+    for call in (lambda: eng.prepare([so]), lambda: eng.add_request([5, 6], so)):
+        with pytest.raises(InvalidRequest) as e:
+            call()
+        assert e.value.param == "structured_outputs" and "tokenizer" in e.value.message
+    req = eng.add_request([5, 6], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    while eng.has_work:
+        eng.step()
+    assert len(req.output_token_ids) == 3

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import importlib.metadata
 import json
 import logging
 import re
@@ -154,7 +155,7 @@ class StructuredOutputManager:
                                          stop_token_ids=self.stop_ids or None, add_prefix_space=False)
                 self._compiler = xgr.GrammarCompiler(info, max_threads=COMPILE_THREADS, cache_enabled=False)
                 log.info("structured output: xgrammar %s over %d token ids (%d pieces) ready in %.2f s",
-                         getattr(xgr, "__version__", "?"), self.vocab_size, len(vocab), time.perf_counter() - t0)
+                         importlib.metadata.version("xgrammar"), self.vocab_size, len(vocab), time.perf_counter() - t0)
             return self._compiler
 
     def _compile(self, key: tuple):
