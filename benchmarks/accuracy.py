@@ -294,19 +294,25 @@ def random_weights(args) -> dict:
     g = torch.Generator().manual_seed(0)
     P, D = args.rand_prompt, args.rand_decode
     ids = torch.randint(3, cfg["vocab_size"], (args.rand_batch, P + D), generator=g)
-    variants = [("bf16 weights, fp32 state", "none", "float32"), ("bf16 weights, bf16 state", "none", "bfloat16"),
-                ("int8 weights, fp32 state", "int8", "float32"), ("int8 weights, bf16 state", "int8", "bfloat16")]
+    variants = [  # (name, quantization or "fp32": the same bf16 values computed in float32, state dtype); ref first
+        ("bf16 weights, fp32 state", "none", "float32"), ("bf16 weights, bf16 state", "none", "bfloat16"),
+        ("bf16 weights computed in fp32, fp32 state", "fp32", "float32"),   # the yardstick: bf16 compute noise
+        ("int8 weights, fp32 state", "int8", "float32"), ("int8 weights, bf16 state", "int8", "bfloat16")]
     if dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= FP8_MIN_CAPABILITY:
         variants += [("fp8 weights, fp32 state", "fp8", "float32"), ("fp8 weights, bf16 state", "fp8", "bfloat16")]
     out = {"model": args.model, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
            "batch": args.rand_batch, "prompt": P, "decode_steps": D, "variants": {}}
     ref = model = None
     for name, q, sd in variants:
-        if model is None or model.quantization != q:
+        if model is None or built != q:
             del model
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-            model = random_model(cfg, dev, torch.bfloat16, quantization=q)   # quantized from the bf16 weights
+            # quantized from the bf16 weights; "fp32": those bf16 values, upcast (the same weights)
+            model = random_model(cfg, dev, torch.bfloat16, quantization="none" if q == "fp32" else q)
+            if q == "fp32":
+                model = model.float()
+            built = q
         t0 = time.perf_counter()
         B = len(ids)
         pool = model.new_state_pool(B, dev, getattr(torch, sd))
