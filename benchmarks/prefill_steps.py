@@ -27,7 +27,8 @@ def main() -> None:
     p.add_argument("--profile", type=int, default=0, metavar="K",
                    help="instead: torch.profiler tables of one step prefilling K prompts alone")
     a = p.parse_args()
-    eng = build_engine(a.model, engine_config=EngineConfig(max_num_seqs=a.max_num_seqs, max_num_batched_tokens=8192),
+    eng = build_engine(a.model, engine_config=EngineConfig(max_num_seqs=a.max_num_seqs, max_num_batched_tokens=8192,
+                                                         prefill_wave_ms=0),   # steps as they come: their cost
                        progress=False)
     V = eng.model_config.vocab_size
     sync = torch.cuda.synchronize if eng.device.type == "cuda" else (lambda: None)

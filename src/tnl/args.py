@@ -35,6 +35,11 @@ def seconds(text: str) -> float:
     return checked(text, float, "seconds", lambda v: v >= 0, "expected seconds >= 0, got {text}")
 
 
+def wave_ms(text: str) -> float:
+    return checked(text, float, "milliseconds", lambda v: 0 <= v <= 10_000,
+                   "expected milliseconds in [0, 10000], got {text}")
+
+
 def add_model_args(p: argparse.ArgumentParser, model_help: str | None = None) -> None:
     """Which model, where it comes from, and where it runs."""
     p.add_argument("--model", default=None, help=model_help or (

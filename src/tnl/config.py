@@ -227,6 +227,9 @@ def layer_slopes(cfg: ModelConfig, layer: int) -> list[float]:
     return [s * scale for s in alibi_slopes(cfg.n_heads)]
 
 
+PREFILL_WAVE_MS_CUDA = 20.0   # ~ three 7B decode steps at batch 64 on an H200; a prompt step costs ~30 ms
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Engine settings. None means 'derive from the device' (see Engine)."""
@@ -242,9 +245,15 @@ class EngineConfig:
     prefix_cache_dir: str | None = None      # also write the snapshots there as state files, and load them at start
     prefix_cache_dir_gb: float = 10.0        # that directory's cap: this model's oldest files are deleted beyond it
     state_dtype: str = "float32"             # the state pool's storage (STATE_DTYPES); float32 accumulation always
+    # while sequences decode, admit new prompts in waves (Scheduler): once they fill the free slots
+    # or the budget, or the oldest waited this long; None: PREFILL_WAVE_MS_CUDA on CUDA, 0 elsewhere
+    prefill_wave_ms: float | None = None
 
     def __post_init__(self):
         check_state_dtype(self.state_dtype)
+        w = self.prefill_wave_ms
+        if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= 10_000):
+            raise ValueError(f"prefill_wave_ms = {w!r}; expected a number of milliseconds in [0, 10000] or None")
 
 
 def engine_config(**options) -> EngineConfig:

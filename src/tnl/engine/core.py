@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from tnl.config import EngineConfig, ModelConfig
+from tnl.config import PREFILL_WAVE_MS_CUDA, EngineConfig, ModelConfig
 from tnl.engine import state_file
 from tnl.engine.prefix_cache import CacheEntry, PrefixCache
 from tnl.engine.request import Request
@@ -92,7 +92,10 @@ class EngineCore:
         self.prefix_cache = self._new_prefix_cache(ec)
         self.fingerprint = state_file.model_fingerprint(model)   # names the model in state files
         self.state_dir = self._open_state_dir(ec)
-        self.scheduler = Scheduler(slots, ec.max_num_batched_tokens, ec.max_waiting, self.prefix_cache)
+        wave_ms = ec.prefill_wave_ms if ec.prefill_wave_ms is not None else \
+            PREFILL_WAVE_MS_CUDA if self.device.type == "cuda" else 0.0
+        self.scheduler = Scheduler(slots, ec.max_num_batched_tokens, ec.max_waiting, self.prefix_cache,
+                                   prefill_wave_s=wave_ms / 1000)
         self.stop_ids = frozenset(stop_ids)    # eos and generation_config's ids (unless ignore_eos)
         self.sample_vocab = sample_vocab       # ids >= this are never sampled (the tokenizer cannot decode them)
         self.async_scheduling = ec.async_scheduling if ec.async_scheduling is not None else self.device.type == "cuda"

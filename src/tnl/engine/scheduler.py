@@ -76,8 +76,16 @@ class SchedulerOutput:
 
 
 class Scheduler:
+    """prefill_wave_s: while sequences decode, new prompts are admitted in waves: only once the
+    waiting ones would fill the free slots or the step's token budget, or the oldest has waited
+    this long (0: at once). A step that carries prompts costs a fixed ~30 ms beside the decode
+    graph (7B, H200: its eager pass is host-bound), so 64 requests trickling in over a few
+    milliseconds cost 27 such steps one at a time and a handful in waves (BENCHMARKS.md). An idle
+    engine admits at once. `clock` is time.monotonic (the requests' arrival clock)."""
+
     def __init__(self, num_slots: int, max_num_batched_tokens: int, max_waiting: int,
-                 prefix_cache: PrefixCache | None = None):
+                 prefix_cache: PrefixCache | None = None, prefill_wave_s: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic):
         if max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
         self.prefix_cache = prefix_cache
@@ -92,6 +100,9 @@ class Scheduler:
         # called with each request given a slot (the async front counts its waiting queue so,
         # whatever order the cache lets requests in)
         self.on_admit: Callable[[Request], None] | None = None
+        self.prefill_wave_s = prefill_wave_s
+        self.clock = clock
+        self.waves_deferred = 0      # steps that left waiting prompts for the next wave
 
     # ---- queue -----------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -143,6 +154,9 @@ class Scheduler:
                 prefill.append((r, n))
                 budget -= n
         new_slots, cached, skipped = [], [], []
+        if decode and self.waiting and self.prefill_wave_s > 0 and not self._wave_ready(budget):
+            self.waves_deferred += 1
+            return SchedulerOutput(decode, prefill, new_slots, cached)
         while self.waiting and budget > 0 and self.slots.num_free:
             r = self.waiting.popleft()
             if self.prefix_cache is not None and r.prompt_key in self._prefilling:
@@ -164,6 +178,20 @@ class Scheduler:
             budget -= n
         self.waiting.extendleft(reversed(skipped))
         return SchedulerOutput(decode, prefill, new_slots, cached)
+
+    def _wave_ready(self, budget: int) -> bool:
+        """Whether the waiting prompts make a wave now (see the class docstring)."""
+        free = self.slots.num_free
+        if not free or budget <= 0:
+            return True        # nothing can be admitted anyway: no deferral to count
+        if len(self.waiting) >= free or self.clock() - self.waiting[0].metrics.arrival_time >= self.prefill_wave_s:
+            return True
+        tokens = 0
+        for r in self.waiting:
+            tokens += r.num_prompt - r.num_computed
+            if tokens >= budget:
+                return True
+        return False
 
     # ---- prompt-state cache ------------------------------------------------------------------
     def _chunk(self, r: Request, budget: int) -> int:

@@ -8,7 +8,7 @@ import argparse
 import os
 from dataclasses import dataclass, field, fields
 
-from tnl.args import add_model_args, checked, port, positive_int, seconds
+from tnl.args import add_model_args, checked, port, positive_int, seconds, wave_ms
 from tnl.kernels.config import KernelConfig, add_kernel_args, kernel_config_from_args
 
 DEFAULT_PORT = 6006  # the seed tutorial's port (AutoDL maps it to the user's machine)
@@ -68,6 +68,7 @@ class ServerConfig:
     state_dtype: str = "float32"   # the state pool's storage (tnl.config.STATE_DTYPES; the flag's default)
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
+    prefill_wave_ms: float | None = None
     max_waiting: int | None = None
     max_prompt_tokens: int | None = DEFAULT_MAX_PROMPT_TOKENS
     max_body_mb: int = DEFAULT_MAX_BODY_MB
@@ -108,7 +109,8 @@ class ServerConfig:
 
         return engine_config(**{name: getattr(self, name) for name in (
             "max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_prompt_tokens", "async_scheduling",
-            "enable_prefix_caching", "prefix_cache_gb", "prefix_cache_dir", "prefix_cache_dir_gb", "state_dtype")})
+            "enable_prefix_caching", "prefix_cache_gb", "prefix_cache_dir", "prefix_cache_dir_gb", "state_dtype",
+            "prefill_wave_ms")})
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "ServerConfig":
@@ -144,6 +146,10 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="state slots = sequences decoded at once (default: as many as memory holds)")
     parser.add_argument("--max-num-batched-tokens", type=positive_int, default=None,
                         help="token budget of one engine step")
+    parser.add_argument("--prefill-wave-ms", type=wave_ms, default=None, metavar="MS",
+                        help="while sequences decode, admit new prompts in waves: once they fill the free slots "
+                             "or the step's token budget, or the oldest has waited MS (default 20 on CUDA, where "
+                             "a step with prompts costs ~30 ms beside the decode graph; 0 on the CPU; 0: at once)")
     parser.add_argument("--max-waiting", type=positive_int, default=None,
                         help="requests allowed to wait for a slot; more are refused with 429")
     parser.add_argument("--max-prompt-tokens", type=positive_int, default=d.max_prompt_tokens,
