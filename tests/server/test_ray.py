@@ -25,6 +25,7 @@ from helpers_server import free_port, wait_for
 from tnl.ray_routing import PrefixIndex, choose, ids_chain, message_chain, route_for, text_chain
 
 MAX_NUM_SEQS = 8
+LONG_ANSWER = 600   # tokens: still being generated when its replica is killed a second later
 IMBALANCE = 4
 
 
@@ -355,6 +356,7 @@ def test_a_killed_replica_fails_its_streams_and_the_endpoint_keeps_answering(ser
     assert len(pids) == 2, pids
     streams = []
     answers: list[int | str] = []
+    retried: dict[str, tuple[int | str, str, int]] = {}
     stop_load = threading.Event()
 
     def load():   # short requests all along: each gets an answer (a retry covers the dead replica)
@@ -368,8 +370,28 @@ def test_a_killed_replica_fails_its_streams_and_the_endpoint_keeps_answering(ser
                 answers.append(type(e).__name__)
             i += 1
 
-    loader = threading.Thread(target=load, daemon=True)
+    def second_turn(holder: str, messages: list[dict]):   # long, not streamed: no byte sent before it ends
+        try:
+            r = httpx.post(endpoint + "/v1/chat/completions", timeout=60, json={
+                "messages": messages, "max_tokens": LONG_ANSWER, "temperature": 0, "ignore_eos": True})
+            retried[holder] = (r.status_code, r.headers.get("x-tnl-replica", ""),
+                               r.json().get("usage", {}).get("completion_tokens", 0))
+        except (httpx.HTTPError, ValueError) as e:
+            retried[holder] = (type(e).__name__, "", 0)
+
+    threads = [threading.Thread(target=load, daemon=True)]
     try:
+        # a conversation held by each replica (while both are idle, ties go either way): their second
+        # turns go there (affinity)
+        held: dict[str, list[dict]] = {}
+        for i in range(12):
+            messages = [{"role": "user", "content": f"Kill test conversation {i}"}]
+            r = chat(endpoint, messages, max_tokens=4)
+            held.setdefault(r.headers["x-tnl-replica"], messages + [r.json()["choices"][0]["message"],
+                                                                    {"role": "user", "content": "Go on"}])
+            if len(held) == 2:
+                break
+        assert len(held) == 2, held
         for i in range(12):   # long streams on both replicas
             s = Stream(endpoint, [{"role": "user", "content": f"Kill test {i}"}], max_tokens=4000)
             assert s.first.wait(60), "no first chunk"
@@ -377,8 +399,10 @@ def test_a_killed_replica_fails_its_streams_and_the_endpoint_keeps_answering(ser
             if len({s.replica for s in streams}) == 2 and len(streams) >= 4:
                 break
         assert len({s.replica for s in streams}) == 2, [s.replica for s in streams]
-        loader.start()
-        time.sleep(0.5)
+        threads += [threading.Thread(target=second_turn, args=item, daemon=True) for item in held.items()]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
         os.kill(pids[0], signal.SIGKILL)
         for s in streams:   # nothing hangs: every stream ends, with its text or with an error
             assert s.done.wait(60), "a stream still runs after the replica died"
@@ -387,18 +411,25 @@ def test_a_killed_replica_fails_its_streams_and_the_endpoint_keeps_answering(ser
         stop_load.set()
         for s in streams:
             s.stop = True
-        if loader.is_alive() or loader.ident is not None:
-            loader.join(40)
-    assert not loader.is_alive(), "a request hung"
+        for t in threads:
+            if t.ident is not None:
+                t.join(70)
+    assert not any(t.is_alive() for t in threads), "a request hung"
 
     dead = {s.replica for s in streams if s.errored() or s.error is not None}
     assert len(dead) == 1, [(s.replica, s.errored(), s.error) for s in streams]
     for s in streams:
-        if s.replica in dead:
+        if s.replica in dead:   # the stream had begun: it ends with an error event (or a cut connection)
             assert s.error is not None or any(e.get("error", {}).get("code") == 503 for e in s.events), s.events[-2:]
         else:
             assert s.finished() and not s.errored(), s.events[-2:]
     assert answers and set(answers) == {200}, answers
+    # the dead replica's second turn had sent nothing yet: retried on the other replica, whole
+    (victim,) = dead
+    assert retried[victim][0] == 200 and retried[victim][1] not in ("", victim), retried
+    assert all(got == (200, holder, LONG_ANSWER) for holder, got in retried.items() if holder != victim), retried
+    assert retried[victim][2] == LONG_ANSWER, retried
+    assert "retrying on another replica" in server.log()
 
     # Ray Serve starts a replica in the dead one's place, and it serves
     wait_for(lambda: len(_replica_pids(server)) == 2 and pids[0] not in _replica_pids(server), 60,
