@@ -445,3 +445,22 @@ class EngineCore:
             self.state_dir = state_dir
             self.reset_counters()
         log.info("warm-up requests done in %.1f s", time.perf_counter() - t0)
+        if self.device.type == "cuda":
+            self._warm_up_masks()
+
+    def _warm_up_masks(self) -> None:
+        """Structured output's mask kernel (xgrammar's, in Triton) compiles on its first call: here,
+        not inside the first constrained step, which every running stream would wait for. A
+        failure is logged, not raised: unconstrained serving does not need it."""
+        t0 = time.perf_counter()
+        try:
+            self._masks = GrammarMasks(self.runner.pool.num_slots, self.model_config.vocab_size, self.device)
+            self._masks.warm_up()
+            torch.cuda.synchronize(self.device)
+        except ImportError:   # xgrammar not installed: a constrained request will say so
+            return
+        except Exception as e:   # (the first constrained step raises it again, with its traceback)
+            log.warning("structured output's mask kernel did not warm up: %s", e)
+            self._masks = None
+            return
+        log.info("structured output's mask kernel ready in %.1f s", time.perf_counter() - t0)

@@ -25,8 +25,10 @@ as nothing (never allowed; the stop ids are allowed where the grammar may end). 
 special tokens only is the exception: there the first piece's leading space is dropped from
 the text, which the grammar counted.
 
-xgrammar is imported on the first compile: it brings transformers (~1.5 s), which a server
-that never sees a constraint should not pay for.
+xgrammar is imported on the first compile: it brings transformers (~1.5 s), which a CPU
+engine that never sees a constraint should not pay for. A CUDA engine imports it in its
+warm-up, whose mask-kernel call compiles xgrammar's Triton kernel there rather than in the
+first constrained step (EngineCore._warm_up_masks).
 """
 from __future__ import annotations
 
@@ -206,6 +208,18 @@ class GrammarMasks:
         self.host = torch.zeros(max_rows, width, dtype=torch.int32, pin_memory=device.type == "cuda")
         self.dev = torch.zeros(max_rows, width, dtype=torch.int32, device=device) if device.type == "cuda" else None
         self._batch = xgr.BatchGrammarMatcher()
+
+    def warm_up(self) -> None:
+        """One masked row of zero logits through the device kernel (its first call compiles it)."""
+        logits = torch.zeros(1, self.vocab_size, dtype=torch.float32, device=self.device)
+        self.host[0].fill_(-1)   # every token allowed
+        mask, index = self.host[:1], [0]
+        if self.dev is not None:
+            self.dev[:1].copy_(mask, non_blocking=True)
+            mask, index = self.dev[:1], torch.zeros(1, dtype=torch.int32, device=self.device)
+        self._xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=self.vocab_size, indices=index)
+        if not bool(torch.isfinite(logits).all()):
+            raise RuntimeError("xgrammar's mask kernel masked a token that an all-ones mask allows")
 
     def apply(self, logits: torch.Tensor, reqs: list[Request]) -> None:
         """logits [N, V] float32 (row i: reqs[i]), in place: -inf where a constrained row's grammar
