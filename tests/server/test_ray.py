@@ -88,6 +88,35 @@ def test_prefix_index_is_bounded():
     assert len(index) <= 10
 
 
+def _readme_config() -> dict:
+    """The Ray Serve config file that README.md shows (the yaml block starting `# tnl-serve.yaml`)."""
+    import yaml
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md"), encoding="utf-8").read()
+    start = readme.index("```yaml\n# tnl-serve.yaml") + len("```yaml\n")
+    return yaml.safe_load(readme[start:readme.index("```", start)])
+
+
+def test_the_readme_config_file_is_a_serve_config_of_tnl_flags():
+    """What `serve run tnl-serve.yaml` reads: Ray Serve's schema, deployments that exist, and args
+    that are tnl serve's flags (the file itself was run with `serve run`, on CPU: num_gpus 0)."""
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'tnl[ray]')")
+    from ray.serve.schema import ServeDeploySchema
+
+    from tnl.ray_app import app
+
+    config = _readme_config()
+    ServeDeploySchema.model_validate(config)
+    (application,) = config["applications"]
+    assert application["import_path"] == "tnl.ray_app:app"
+    names = {d["name"] for d in application["deployments"]}
+    assert names <= {"TnlReplica", "TnlIngress"}, names
+    built = app(application["args"])
+    assert type(built).__name__ == "Application"
+    with pytest.raises(ValueError, match="tnl serve's flags"):
+        app({**application["args"], "max-num-sqes": 8})
+
+
 # ---- two replicas on a local Ray instance ------------------------------------------------------
 
 MODULE_TIMEOUT_S = 180   # a Ray start and two model loads on a busy 2-core CI machine
