@@ -111,6 +111,26 @@ def test_structured_outputs_kinds(server, route):
             assert c["finish_reason"] == "stop" and ok(text), (so, text)
 
 
+def test_completions_stream_logprobs_regex(server):
+    """/v1/completions with a regex, n = 2 seeded, logprobs: the stream's text and tokens are the
+    whole answer's, and each text full-matches."""
+    regex = r"(ab|cd){2,4}-[0-9]{3}"
+    body = dict(prompt="Code:", structured_outputs={"regex": regex}, n=2, temperature=1.0, seed=11, max_tokens=40,
+                logprobs=2)
+    whole = post(server, "/v1/completions", body).json()["choices"]
+    r = requests.post(server.url + "/v1/completions", json={**body, "stream": True}, stream=True, timeout=120)
+    texts, tokens = ["", ""], [[], []]
+    for line in r.iter_lines():
+        if line.startswith(b"data: {"):
+            for c in json.loads(line[6:])["choices"]:
+                texts[c["index"]] += c["text"]
+                tokens[c["index"]] += (c["logprobs"] or {}).get("tokens", [])
+    for c, text, toks in zip(whole, texts, tokens):
+        assert c["finish_reason"] == "stop" and re.fullmatch(regex, c["text"]), c["text"]
+        assert (text, toks) == (c["text"], c["logprobs"]["tokens"])
+        assert all(v > -9999 for v in c["logprobs"]["token_logprobs"])
+
+
 def test_json_object_and_text(server):
     """json_object: the answer is a JSON object (or its beginning, if max_tokens cuts it: "length");
     response_format text changes nothing."""
