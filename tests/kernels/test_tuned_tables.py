@@ -52,9 +52,12 @@ def test_card_slug():
 def test_choice_order_tnl_tune_then_this_card_then_architecture(tmp_path, monkeypatch):
     monkeypatch.setenv("TNL_CACHE_DIR", str(tmp_path))
     # an sm_90 card with no table of its own: the H100's, said to be another card's
-    c = tuned.choose_table("NVIDIA H200", (9, 0))
+    c = tuned.choose_table("NVIDIA H800", (9, 0))
     assert c.source == "shipped" and c.path.endswith("nvidia-h100-80gb-hbm3.json") and not c.for_this_card
-    assert "tuned on NVIDIA H100 80GB HBM3, not this card: run `tnl tune`" in c.describe("NVIDIA H200")
+    assert "tuned on NVIDIA H100 80GB HBM3, not this card: run `tnl tune`" in c.describe("NVIDIA H800")
+    # the H200's shipped table
+    c = tuned.choose_table("NVIDIA H200", (9, 0))
+    assert c.source == "shipped" and c.path.endswith("nvidia-h200.json") and c.for_this_card
     # the H100 itself: its own
     c = tuned.choose_table(H100, (9, 0))
     assert c.for_this_card and "tuned on this card" in c.describe(H100)
@@ -82,7 +85,7 @@ def test_unreadable_tables(tmp_path, monkeypatch):
     bad.parent.mkdir()
     bad.write_text("{not json")
     c = tuned.choose_table("NVIDIA H200", (9, 0))      # a broken cache file is skipped, not fatal
-    assert c.source == "shipped"
+    assert c.source == "shipped" and c.for_this_card
     with pytest.raises(ValueError, match="cannot read it"):
         tuned.choose_table("NVIDIA H200", (9, 0), given=str(bad))
     (tmp_path / "nolist.json").write_text('{"device": "x"}')
