@@ -47,6 +47,27 @@ function addBubble(role, text) {
   return el;
 }
 
+// Calls draw() once in the next animation frame however often schedule() is called before it;
+// flush() draws now if a frame is still pending (a hidden tab runs no frames until shown).
+function framePainter(draw) {
+  let pending = 0;
+  const run = () => {
+    pending = 0;
+    draw();
+  };
+  return {
+    schedule() {
+      if (!pending) pending = requestAnimationFrame(run);
+    },
+    flush() {
+      if (pending) {
+        cancelAnimationFrame(pending);
+        run();
+      }
+    },
+  };
+}
+
 function addNote(after, text) {
   const note = document.createElement("div");
   note.className = "note";
@@ -157,13 +178,19 @@ async function send() {
   $("input").value = "";
   history.push(user, reply);
   controller = new AbortController();
+  // Tokens can arrive far faster than frames: the reply is drawn at most once per frame, so a
+  // long fast stream costs one render per frame, not one per token, and the page (its Stop
+  // button too) stays responsive.
+  const painter = framePainter(() => {
+    const stick = nearBottom();
+    render(replyEl, reply.content);
+    if (stick) $("messages").scrollTop = $("messages").scrollHeight;
+  });
   setBusy(true);
   try {
     await streamReply(body, controller.signal, (delta) => {
-      const stick = nearBottom();
       reply.content += delta;
-      render(replyEl, reply.content);
-      if (stick) $("messages").scrollTop = $("messages").scrollHeight;
+      painter.schedule();
     });
   } catch (e) {
     if (e.name === "AbortError") {
@@ -179,6 +206,7 @@ async function send() {
       showError(e.message);
     }
   } finally {
+    painter.flush();  // the last tokens are on the page before the note or the next turn
     controller = null;
     setBusy(false);
   }
