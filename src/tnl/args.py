@@ -60,7 +60,7 @@ def add_model_args(p: argparse.ArgumentParser, model_help: str | None = None) ->
     p.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
                    help="store the layer matrices in 8 bits, quantized at load time per output channel "
                         "(float32 scales; embedding and head keep --dtype): int8 on any device, fp8 (e4m3) on "
-                        "GPUs of compute capability 8.9+ (default none). Accuracy: README, 'Quantization'")
+                        "GPUs of compute capability 8.9+ (default none). Accuracy: README, '8-bit weights and a 16-bit state'")
     p.add_argument("--state-dtype", default="float32", choices=list(STATE_DTYPES),
                    help="how each sequence's recurrent state is stored; updates accumulate in float32 either way, "
                         "and 16 bits hold twice the sequences in the same memory (default float32)")

@@ -85,8 +85,8 @@ class EngineCore:
             torch.cuda.set_device(self.device)   # graph capture, events and Triton launches follow the current device
         self.state_dtype: torch.dtype = getattr(torch, ec.state_dtype)   # the pool's, the snapshots' and imports'
         if ec.state_dtype == "float16":
-            # the slowest-decaying heads (last layer, decay ~1 - 1e-5) sum k v over the whole past
-            log.warning("state dtype float16: states of long sequences overflow it (inf/NaN after 4-8k tokens on "
+            # the slowest-decaying heads (decay between 1 - 2.5e-6 and 1 - 2e-7) sum k v over the whole past
+            log.warning("state dtype float16: states of long sequences overflow it (inf/NaN from about 3k tokens on "
                         "the demo model, benchmarks/accuracy.py); bfloat16 has float32's range")
         self.runner = ModelRunner(model, slots, self.device, cuda_graphs=ec.cuda_graphs, state_dtype=self.state_dtype)
         self.prefix_cache = self._new_prefix_cache(ec)
