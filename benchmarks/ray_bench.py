@@ -3,7 +3,10 @@ against random routing, each server started and stopped by this script.
 
     python benchmarks/ray_bench.py --model random-7b --replicas 2 --json ray.json
     python benchmarks/ray_bench.py --model random-7b --replicas 2 --replica-gpus 0.5   # 2 on one GPU
-    python benchmarks/ray_bench.py --model demo --device cpu --replicas 2 --smoke       # a CPU dry run
+    python benchmarks/ray_bench.py --model DIR --device cpu --replicas 2 --smoke        # a CPU dry run
+
+The model must have no tokenizer (random-7b, or a checkpoint directory without tokenizer.model):
+benchmarks/multiturn.py re-sends each turn's output from its `token_id:N` logprob tokens.
 
 Three servers, one after the other, each on a fresh port with an empty prompt cache:
 1. plain `tnl serve` (one engine): benchmarks/serve_load.py with `--clients` streaming clients;
